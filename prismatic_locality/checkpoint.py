@@ -1,0 +1,202 @@
+"""Aligned checkpoints: a directory with ``config.json`` + ``model.safetensors``.
+
+``model.safetensors`` holds ``encoder.*`` (the timm ViT: soft-capped attention, re-trained final
+norm, ``head`` = the Linear to the decoder width) and ``decoder.*`` (``pos_embed``, ``blocks``,
+``norm``, ``head``): the same keys as the paper's released checkpoints. ``config.json`` has all that
+is needed to rebuild both modules without the trainer and without downloading the teacher.
+
+Writes are atomic (temp directory + rename); loading never unpickles anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from . import vit as V
+from .decoder import DecoderConfig, MaskEmbedDecoder
+from .maskembed import make_encoder
+
+FORMAT = "prismatic-locality/aligned-v1"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, malformed or does not match the model (message names the file)."""
+
+
+@dataclass
+class AlignedModel:
+    """What `load_aligned` returns.
+
+    encoder: timm ViT; ``encoder.forward_features(x)`` (= `maskembed.aligned_features`) is the aligned
+             backbone's output: last block, final norm, prefix tokens kept, soft-capped attention.
+             ``encoder.head`` maps features to the decoder width (the VLM adapter's input projection).
+    decoder: the trained `MaskEmbedDecoder`.
+    """
+
+    encoder: nn.Module
+    decoder: MaskEmbedDecoder
+    config: dict
+
+    @property
+    def spec(self) -> V.ViTSpec:
+        return V.vit_spec(self.encoder)
+
+
+def encoder_config(encoder: nn.Module, model_name: str, softcap: float, timm_kwargs: Optional[dict] = None) -> dict:
+    s = V.vit_spec(encoder)
+    return {
+        "model": model_name.split(".")[0],     # architecture only: weights come from this file
+        "pretrained_tag": model_name,
+        "img_size": s.img_size,
+        "patch_size": s.patch_size,
+        "embed_dim": s.embed_dim,
+        "depth": s.depth,
+        "num_heads": s.num_heads,
+        "num_prefix_tokens": s.num_prefix_tokens,
+        "num_tokens": s.num_tokens,
+        "mean": list(s.mean),
+        "std": list(s.std),
+        "softcap": softcap,
+        "norm_eps": encoder.norm.eps,
+        "head_out": encoder.head.out_features,
+        "timm_kwargs": dict(timm_kwargs or {}),  # architecture overrides passed to timm.create_model
+    }
+
+
+def _atomic_dir_write(out_dir: Path, write) -> None:
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def save_aligned(out_dir: str | os.PathLike, encoder: nn.Module, decoder: MaskEmbedDecoder, *,
+                 model_name: str, softcap: float, timm_kwargs: Optional[dict] = None,
+                 extra: Optional[dict] = None) -> Path:
+    """Write an aligned checkpoint directory atomically.
+
+    `model_name` is the timm name the encoder was created from, `timm_kwargs` any architecture
+    overrides it was created with (tiny test models); `extra` (teacher id, target, recipe,
+    training summary, ...) is stored verbatim in config.json."""
+    config = {
+        "format": FORMAT,
+        "encoder": encoder_config(encoder, model_name, softcap, timm_kwargs),
+        "decoder": decoder.cfg.to_dict(),
+        **(extra or {}),
+    }
+    tensors = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    tensors.update({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+    def write(tmp: Path):
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+        write_json(tmp / CONFIG_NAME, config)
+
+    _atomic_dir_write(Path(out_dir), write)
+    return Path(out_dir)
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise CheckpointError(f"not an aligned checkpoint: {cfg_file} is missing")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+    if cfg.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_file}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
+    for key in ("encoder", "decoder"):
+        if key not in cfg:
+            raise CheckpointError(f"{cfg_file}: missing field '{key}'")
+    return cfg
+
+
+def build_encoder(enc_cfg: dict, attn_impl: str = "auto") -> nn.Module:
+    """An encoder with the checkpoint's architecture and random weights (no download)."""
+    kwargs = {"img_size": enc_cfg["img_size"], **enc_cfg.get("timm_kwargs", {})}
+    vit = V.create_vit(enc_cfg["model"], pretrained=False, **kwargs)
+    spec = V.vit_spec(vit)
+    if (spec.embed_dim, spec.depth, spec.patch_size) != (enc_cfg["embed_dim"], enc_cfg["depth"], enc_cfg["patch_size"]):
+        raise CheckpointError(
+            f"timm model '{enc_cfg['model']}' is {spec.embed_dim}-wide, {spec.depth} deep, patch "
+            f"{spec.patch_size}; the checkpoint says {enc_cfg['embed_dim']}/{enc_cfg['depth']}/{enc_cfg['patch_size']}"
+        )
+    vit.pretrained_cfg = {**(getattr(vit, "pretrained_cfg", None) or {}), "mean": tuple(enc_cfg["mean"]), "std": tuple(enc_cfg["std"])}
+    return make_encoder(vit, enc_cfg["head_out"], softcap=enc_cfg["softcap"], attn_impl=attn_impl,
+                        norm_eps=enc_cfg.get("norm_eps", 1e-5))
+
+
+def load_state(module: nn.Module, state: dict, what: str, source: str) -> None:
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: {what} does not match the checkpoint (missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})"
+        )
+
+
+def split_state(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    enc = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+    dec = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
+    return enc, dec
+
+
+def load_aligned(path: str | os.PathLike, device: str | torch.device = "cpu", attn_impl: str = "auto") -> AlignedModel:
+    """Load an aligned checkpoint directory; no trainer, no teacher, no network needed."""
+    path = Path(path)
+    cfg = read_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"not an aligned checkpoint: {weights} is missing")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from None
+    enc_state, dec_state = split_state(tensors)
+    encoder = build_encoder(cfg["encoder"], attn_impl=attn_impl)
+    decoder = MaskEmbedDecoder(DecoderConfig(**cfg["decoder"]))
+    try:
+        load_state(encoder, enc_state, "encoder", str(weights))
+        load_state(decoder, dec_state, "decoder", str(weights))
+    except RuntimeError as e:  # size mismatches
+        raise CheckpointError(f"{weights}: {str(e).splitlines()[0]} {str(e).splitlines()[1:2]}") from None
+    return AlignedModel(encoder.to(device).eval(), decoder.to(device).eval(), cfg)
+
+
+def is_aligned_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file()

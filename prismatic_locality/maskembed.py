@@ -1,0 +1,212 @@
+"""MaskEmbed (paper §3.2, Eq. 1):
+
+    min_{θ, ψ}  E_x E_m  || g_ψ( f_θ(x) ⊙ m ) − h(x ⊙ m) ||²
+
+- h   `Teacher`: the frozen pretrained ViT run on the masked image (masked patches = 0 in
+      normalised pixel space), truncated at the target layer, scaled to unit target variance.
+- f_θ `make_encoder`: a trainable copy of the same ViT with soft-capped attention, a fresh final
+      norm and a zero-initialised head to the decoder width. After training, f_θ without its head
+      is the *aligned backbone*.
+- g_ψ `MaskEmbedDecoder` (decoder.py): a 2-block transformer that must reconstruct h(x ⊙ m) from
+      the masked embeddings.
+- m   masks.py: |m| uniform, plus 1 − m and the all-ones mask for every image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import vit as V
+from .decoder import DecoderConfig, MaskEmbedDecoder
+
+TARGETS = ("penultimate", "last", "cls")
+LOSSES = ("mse", "cosine", "l1")
+
+
+# --------------------------------------------------------------------------------------------
+# h: the teacher
+# --------------------------------------------------------------------------------------------
+
+
+class Teacher(nn.Module):
+    """h(x ⊙ m): frozen ViT outputs on masked images.
+
+    target = "penultimate": final norm applied to block L−1's output, whole sequence (default, spec A.1)
+             "last":        final norm applied to block L's output, whole sequence
+             "cls":         the pooled pre-logits (prefix / MAP token), shape (M, 1, D)
+    masking = "token": masked patch tokens are replaced by the embedding of an all-zero patch
+              "pixel": masked pixels are set to 0 on a K-times repeated image batch (the reference's
+                       way; mathematically the same, kept for the side-by-side benchmark and test)
+    """
+
+    def __init__(self, vit: nn.Module, target: str = "penultimate", masking: str = "token"):
+        super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"unknown target '{target}' ({' | '.join(TARGETS)})")
+        if masking not in ("token", "pixel"):
+            raise ValueError(f"unknown teacher masking '{masking}' (token | pixel)")
+        self.vit = vit.eval().requires_grad_(False)
+        self.spec = V.vit_spec(vit)
+        self.target = target
+        self.masking = masking
+        self.num_blocks = self.spec.depth - 1 if target == "penultimate" else self.spec.depth
+        # One scalar: targets are divided by their global std, so predicting the mean scores 1.0.
+        self.register_buffer("scale", torch.ones(()))
+
+    def train(self, mode: bool = True):  # the teacher never leaves eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W), masks (B, K, N) -> targets (B·K, T, D), row i·K + k = image i, mask k."""
+        B, K, N = masks.shape
+        m = masks.reshape(B * K, N)
+        x = images.to(self.vit.patch_embed.proj.weight.dtype)
+        if self.masking == "token":
+            t = V.embed(self.vit, x, m, repeats=K)
+        else:
+            s = self.spec
+            x = x.repeat_interleave(K, dim=0) * V.pixel_mask(m, s.grid, s.patch_size, s.img_size).to(x.dtype)
+            t = V.embed(self.vit, x)
+        t = self.vit.norm(V.run_blocks(self.vit, t, self.num_blocks))
+        if self.target == "cls":
+            t = self.vit.forward_head(t, pre_logits=True).unsqueeze(1)
+        return t * self.scale
+
+
+# --------------------------------------------------------------------------------------------
+# f_θ: the encoder
+# --------------------------------------------------------------------------------------------
+
+
+def make_encoder(vit: nn.Module, out_dim: int, softcap: float = 30.0, attn_impl: str = "auto",
+                 norm_eps: float = 1e-5) -> nn.Module:
+    """Turn a pretrained timm ViT (in place) into the MaskEmbed encoder f_θ (spec A.4).
+
+    - every block's attention soft-capped at `softcap` (paper App. C: stabilises training);
+    - the final norm re-initialised (and fc_norm, if any); eps 1e-5 as the reference;
+    - pooling removed (SigLIP's MAP head is deleted): the whole token sequence is the output;
+    - `head` = zero-initialised Linear(embed_dim, out_dim), applied to every token, so the
+      decoder's input starts at exactly zero.
+
+    The result is still a timm VisionTransformer with timm's key names: `forward_features(x)` is
+    the aligned backbone's feature map, `forward(x)` = head(features) is what the decoder sees.
+    """
+    V.apply_softcap(vit, softcap, attn_impl)
+    dim = vit.embed_dim
+    vit.norm = nn.LayerNorm(dim, eps=norm_eps)
+    if not isinstance(getattr(vit, "fc_norm", nn.Identity()), nn.Identity):
+        vit.fc_norm = nn.LayerNorm(dim, eps=norm_eps)
+    vit.attn_pool = None
+    vit.global_pool = ""
+    vit.head_drop = nn.Identity()
+    vit.head = nn.Linear(dim, out_dim)
+    nn.init.zeros_(vit.head.weight)
+    nn.init.zeros_(vit.head.bias)
+    vit.requires_grad_(True)
+    return vit
+
+
+def aligned_features(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The aligned backbone: last block, final norm, prefix tokens kept (B, T, embed_dim).
+
+    Uses our token-level forward, so it is the same on every timm version; it equals timm's
+    ``encoder.forward_features(images)``.
+    """
+    return encoder.norm(V.run_blocks(encoder, V.embed(encoder, images)))
+
+
+def encode(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """f_θ(x): the aligned features through the (zero-initialised) head, (B, T, decoder width)."""
+    return encoder.head(encoder.fc_norm(aligned_features(encoder, images)))
+
+
+# --------------------------------------------------------------------------------------------
+# g_ψ and Eq. 1
+# --------------------------------------------------------------------------------------------
+
+
+def default_decoder_config(teacher_spec: V.ViTSpec, encoder_spec: V.ViTSpec, width: Optional[int] = None,
+                           depth: int = 2, init_values: float = 1e-6) -> DecoderConfig:
+    """The reference's decoder: width = teacher width, heads/qkv_bias/activation from the encoder."""
+    return DecoderConfig(
+        num_tokens=encoder_spec.num_tokens,
+        num_prefix_tokens=encoder_spec.num_prefix_tokens,
+        width=width or teacher_spec.embed_dim,
+        out_dim=teacher_spec.embed_dim,
+        num_heads=encoder_spec.num_heads,
+        depth=depth,
+        qkv_bias=encoder_spec.qkv_bias,
+        init_values=init_values,
+        act=encoder_spec.act,
+    )
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Mean over masks, tokens and channels (all weighted equally, as the reference)."""
+    pred, target = pred.float(), target.float()
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(pred, target, dim=-1).mean()
+    raise ValueError(f"unknown loss '{kind}' ({' | '.join(LOSSES)})")
+
+
+class MaskEmbed(nn.Module):
+    """Encoder f_θ + decoder g_ψ trained against the frozen teacher h (the teacher is not a
+    sub-module, so `state_dict()` holds exactly `encoder.*` and `decoder.*`)."""
+
+    def __init__(self, encoder: nn.Module, decoder: MaskEmbedDecoder, teacher: Teacher, loss: str = "mse"):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss '{loss}' ({' | '.join(LOSSES)})")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.loss = loss
+        object.__setattr__(self, "teacher", teacher)  # held, not registered: frozen, never saved
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) normalised; masks (B, K, N) keep-masks. Returns the scalar loss."""
+        K = masks.shape[1]
+        target = self.teacher(images, masks)                                  # h(x ⊙ m)
+        z = encode(self.encoder, images).repeat_interleave(K, dim=0)          # f_θ(x), once per image
+        pred = self.decoder(z, masks.flatten(0, 1))                           # g_ψ(f_θ(x) ⊙ m)
+        if self.teacher.target == "cls":
+            pred = pred[:, : max(1, self.decoder.num_prefix_tokens)].mean(1, keepdim=True)
+        return reconstruction_loss(pred, target, self.loss)
+
+
+# --------------------------------------------------------------------------------------------
+# Target scaling
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def estimate_target_scale(teacher: Teacher, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Global mean/variance of h(x ⊙ m) over held-out (images, masks) batches (spec A.1).
+
+    Sums are float64 and all-reduced when torch.distributed is initialised. Sets
+    ``teacher.scale = 1/std`` so the reconstruction targets have unit global variance.
+    """
+    teacher.scale.fill_(1.0)
+    acc = None
+    for images, masks in batches:
+        t = teacher(images, masks).double()
+        part = torch.stack([t.sum(), (t * t).sum(), torch.tensor(float(t.numel()), dtype=torch.float64, device=t.device)])
+        acc = part if acc is None else acc + part
+    if acc is None:
+        raise ValueError("no held-out images to estimate the target scale from")
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(acc)
+    total, sq, n = acc.tolist()
+    mean = total / n
+    var = max(sq / n - mean * mean, 1e-12)
+    teacher.scale.fill_(var**-0.5)
+    return {"mean": mean, "var": var, "scale": var**-0.5, "count": int(n)}

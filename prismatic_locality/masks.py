@@ -1,0 +1,137 @@
+"""Mask samplers for MaskEmbed (paper §3.2, spec A.3).
+
+A sampler returns a bool tensor of shape (B, K, N): K masks for each of B images over N patches,
+``True`` = patch kept (visible). Sampling is vectorised and runs on the generator's device, so
+masks cost nothing next to the forward pass and are reproducible from the generator's seed.
+
+The default is the paper's: a mask m whose number of kept patches is uniform on {0, ..., n}
+(given its size, the subset is uniform), plus its complement 1 - m and the all-ones "null" mask.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def _with_extras(m: torch.Tensor, complement: bool, null: bool) -> torch.Tensor:
+    """(B, N) base masks -> (B, K, N) with the complement and/or all-ones mask appended."""
+    masks = [m]
+    if complement:
+        masks.append(~m)
+    if null:
+        masks.append(torch.ones_like(m))
+    return torch.stack(masks, dim=1)
+
+
+@dataclass
+class UniformMaskSampler:
+    """|m| ~ Uniform{0..n}, m | |m| uniform: keep patch j iff u_j > u_0 with u ~ U(0,1)^(n+1)."""
+
+    num_patches: int
+    complement: bool = True
+    null: bool = True
+
+    @property
+    def masks_per_image(self) -> int:
+        return 1 + self.complement + self.null
+
+    def __call__(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        u = torch.rand(batch_size, self.num_patches + 1, generator=generator, device=generator.device)
+        return _with_extras(u[:, 1:] > u[:, :1], self.complement, self.null)
+
+
+@dataclass
+class BernoulliMaskSampler:
+    """Each patch kept independently with probability `keep_prob` (ablation; extras off by default)."""
+
+    num_patches: int
+    keep_prob: float = 0.5
+    complement: bool = False
+    null: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.keep_prob <= 1.0:
+            raise ValueError(f"masks.keep_prob must be in [0, 1], got {self.keep_prob}")
+
+    @property
+    def masks_per_image(self) -> int:
+        return 1 + self.complement + self.null
+
+    def __call__(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        u = torch.rand(batch_size, self.num_patches, generator=generator, device=generator.device)
+        return _with_extras(u < self.keep_prob, self.complement, self.null)
+
+
+@dataclass
+class BlockMaskSampler:
+    """BEiT-style blocks: visible rectangles are added until a fraction `target_ratio` is visible.
+
+    Block area ~ U{min_area, .., 0.4 n}, aspect ratio log-uniform-ish in [0.3, 1/0.3], position
+    uniform (spec A.3). Vectorised over the batch: each round proposes one block per image and only
+    images still under the target accept it. Unlike the reference, `null` is honoured when asked.
+    """
+
+    grid: int
+    target_ratio: float = 0.4
+    min_area: int = 16
+    max_rounds: int = 64
+    complement: bool = False
+    null: bool = False
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def masks_per_image(self) -> int:
+        return 1 + self.complement + self.null
+
+    def __call__(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        g, dev = self.grid, generator.device
+        max_area = max(int(0.4 * g * g), self.min_area + 1)
+        min_area = min(self.min_area, max_area - 1)
+        rows = torch.arange(g, device=dev).view(1, g, 1)
+        cols = torch.arange(g, device=dev).view(1, 1, g)
+        m = torch.zeros(batch_size, g, g, dtype=torch.bool, device=dev)
+        for _ in range(self.max_rounds):
+            active = m.flatten(1).float().mean(1) < self.target_ratio
+            if not active.any():
+                break
+            r = torch.rand(batch_size, 4, generator=generator, device=dev)
+            area = min_area + (r[:, 0] * (max_area - min_area)).floor()
+            aspect = torch.exp(math.log(0.3) + r[:, 1] * (math.log(1 / 0.3) - math.log(0.3)))
+            w = torch.sqrt(area / aspect).floor().clamp(1, g)
+            h = (area / w).floor().clamp(1, g)
+            top = (r[:, 2] * (g - h + 1)).floor().view(-1, 1, 1)
+            left = (r[:, 3] * (g - w + 1)).floor().view(-1, 1, 1)
+            block = (rows >= top) & (rows < top + h.view(-1, 1, 1)) & (cols >= left) & (cols < left + w.view(-1, 1, 1))
+            m |= block & active.view(-1, 1, 1)
+        return _with_extras(m.flatten(1), self.complement, self.null)
+
+
+MaskSampler = UniformMaskSampler | BernoulliMaskSampler | BlockMaskSampler
+
+
+def build_mask_sampler(kind: str, grid: int, complement: bool, null: bool, keep_prob: float = 0.5,
+                       block_ratio: float = 0.4) -> MaskSampler:
+    n = grid * grid
+    if kind == "uniform":
+        return UniformMaskSampler(n, complement, null)
+    if kind == "bernoulli":
+        return BernoulliMaskSampler(n, keep_prob, complement, null)
+    if kind == "block":
+        return BlockMaskSampler(grid, block_ratio, complement=complement, null=null)
+    raise ValueError(f"unknown masks.kind '{kind}' (uniform | bernoulli | block)")
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu", stream: int = 0) -> torch.Generator:
+    """A generator for one training step: randomness is a pure function of (seed, stream, step).
+
+    Every rank draws the masks for the whole global batch and keeps its slice, so the masks an
+    image gets do not depend on the world size or on where a resumed run restarted.
+    """
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + stream * 7_919 + step) % (2**63 - 1))
+    return g
