@@ -44,10 +44,9 @@ def create_vit(
     """
     if weights is not None and not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file not found: {weights}")
-    try:
-        model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=0, **kwargs)
-    except RuntimeError as e:  # timm raises RuntimeError('Unknown model ...')
-        raise ValueError(f"unknown timm model '{name}': {e}") from None
+    if not timm.is_model(name.split(".")[0]):
+        raise ValueError(f"unknown timm model '{name}' (see timm.list_models())")
+    model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=0, **kwargs)
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
         raise ValueError(f"'{name}' is not a VisionTransformer-style timm model (no blocks/patch_embed)")
     if weights is not None:

@@ -1,0 +1,80 @@
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from prismatic_locality import vit as V
+from prismatic_locality.checkpoint import (CheckpointError, is_aligned_checkpoint, load_aligned, read_config,
+                                           save_aligned)
+from prismatic_locality.decoder import MaskEmbedDecoder
+from prismatic_locality.maskembed import default_decoder_config, encode, make_encoder
+
+from conftest import TINY, tiny_vit
+
+
+def trained_pair(kind="clip"):
+    vit = tiny_vit(kind)
+    enc = make_encoder(copy.deepcopy(vit), 24)
+    dec = MaskEmbedDecoder(default_decoder_config(V.vit_spec(vit), V.vit_spec(enc), width=24))
+    with torch.no_grad():  # make every parameter non-trivial so the round trip is meaningful
+        for p in list(enc.parameters()) + list(dec.parameters()):
+            p.add_(torch.randn_like(p) * 0.01)
+    return enc, dec
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_round_trip(tmp_path, kind):
+    enc, dec = trained_pair(kind)
+    name, kw = TINY[kind]
+    out = save_aligned(tmp_path / "ckpt", enc, dec, model_name=name + ".tag", softcap=30.0, timm_kwargs=kw,
+                       extra={"teacher": name})
+    assert is_aligned_checkpoint(out)
+    keys = load_file(str(out / "model.safetensors")).keys()
+    assert {k.split(".")[0] for k in keys} == {"encoder", "decoder"}
+    assert "encoder.head.weight" in keys and "decoder.pos_embed" in keys
+    a = load_aligned(out)
+    s = V.vit_spec(enc)
+    x = torch.randn(2, 3, s.img_size, s.img_size)
+    assert torch.equal(a.encoder.forward_features(x), enc.eval().forward_features(x))
+    assert torch.equal(a.decoder(encode(a.encoder, x)), dec.eval()(encode(enc, x)))
+    assert a.config["teacher"] == name and a.spec.num_tokens == s.num_tokens
+    assert isinstance(a.encoder.blocks[0].attn, V.SoftCapAttention)
+
+
+def test_overwrite_is_atomic_and_leaves_no_temp(tmp_path):
+    enc, dec = trained_pair()
+    name, kw = TINY["clip"]
+    save_aligned(tmp_path / "c", enc, dec, model_name=name, softcap=30.0, timm_kwargs=kw)
+    save_aligned(tmp_path / "c", enc, dec, model_name=name, softcap=30.0, timm_kwargs=kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_errors_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_aligned(tmp_path)
+    enc, dec = trained_pair()
+    name, kw = TINY["clip"]
+    out = save_aligned(tmp_path / "c", enc, dec, model_name=name, softcap=30.0, timm_kwargs=kw)
+    cfg = json.loads((out / "config.json").read_text())
+
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="invalid JSON"):
+        read_config(out)
+
+    (out / "config.json").write_text(json.dumps({**cfg, "format": "something-else"}))
+    with pytest.raises(CheckpointError, match="format"):
+        load_aligned(out)
+
+    # weights from a different architecture
+    (out / "config.json").write_text(json.dumps(cfg))
+    state = load_file(str(out / "model.safetensors"))
+    state.pop("encoder.blocks.2.mlp.fc1.weight")
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="model.safetensors.*encoder"):
+        load_aligned(out)
+
+    (out / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_aligned(out)
