@@ -99,13 +99,14 @@ def make_encoder(vit: nn.Module, out_dim: int, softcap: float = 30.0, attn_impl:
     """
     V.apply_softcap(vit, softcap, attn_impl)
     dim = vit.embed_dim
-    vit.norm = nn.LayerNorm(dim, eps=norm_eps)
+    device = vit.patch_embed.proj.weight.device  # new modules live where the model already is
+    vit.norm = nn.LayerNorm(dim, eps=norm_eps, device=device)
     if not isinstance(getattr(vit, "fc_norm", nn.Identity()), nn.Identity):
-        vit.fc_norm = nn.LayerNorm(dim, eps=norm_eps)
+        vit.fc_norm = nn.LayerNorm(dim, eps=norm_eps, device=device)
     vit.attn_pool = None
     vit.global_pool = ""
     vit.head_drop = nn.Identity()
-    vit.head = nn.Linear(dim, out_dim)
+    vit.head = nn.Linear(dim, out_dim, device=device)
     nn.init.zeros_(vit.head.weight)
     nn.init.zeros_(vit.head.bias)
     vit.requires_grad_(True)
@@ -210,3 +211,25 @@ def estimate_target_scale(teacher: Teacher, batches: Iterable[tuple[torch.Tensor
     var = max(sq / n - mean * mean, 1e-12)
     teacher.scale.fill_(var**-0.5)
     return {"mean": mean, "var": var, "scale": var**-0.5, "count": int(n)}
+
+
+# --------------------------------------------------------------------------------------------
+# Cost model (for MFU in logs and benchmarks)
+# --------------------------------------------------------------------------------------------
+
+
+def train_flops_per_image(teacher: V.ViTSpec, encoder: V.ViTSpec, decoder: DecoderConfig, masks_per_image: int,
+                          teacher_blocks: Optional[int] = None) -> dict:
+    """Analytic FLOPs of one MaskEmbed training image (backward = 2 x forward):
+
+    encoder  3 · [ViT_L(x) + head]                      (forward + backward, once per image)
+    teacher  K · ViT_{L-1}(x ⊙ m)                       (forward only, K masked views)
+    decoder  3 · K · [blocks(width) + head]             (forward + backward, K views)
+    """
+    K, T = masks_per_image, encoder.num_tokens
+    enc = V.vit_flops_per_image(encoder) + 2 * T * encoder.embed_dim * decoder.width
+    tea = V.vit_flops_per_image(teacher, teacher.depth - 1 if teacher_blocks is None else teacher_blocks)
+    dec = V.transformer_flops(T, decoder.width, int(decoder.width * decoder.mlp_ratio), decoder.depth)
+    dec += 2 * T * decoder.width * decoder.out_dim
+    parts = {"encoder": 3 * enc, "teacher": K * tea, "decoder": 3 * K * dec}
+    return {**parts, "total": sum(parts.values())}

@@ -310,14 +310,18 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def vit_flops_per_image(spec: ViTSpec, num_blocks: Optional[int] = None, mlp_hidden: Optional[int] = None) -> float:
-    """Forward FLOPs (2 x MACs) of `num_blocks` transformer blocks on one image, attention included."""
-    n, d = spec.num_tokens, spec.embed_dim
-    h = mlp_hidden or spec.mlp_hidden
-    L = spec.depth if num_blocks is None else num_blocks
-    per_block = 2 * n * (4 * d * d + 2 * d * h) + 2 * 2 * n * n * d
-    patch = 2 * spec.num_patches * (3 * spec.patch_size**2) * d
-    return float(L * per_block + patch)
+def transformer_flops(tokens: int, width: int, mlp_hidden: int, depth: int) -> float:
+    """Forward FLOPs (2 x MACs) of `depth` pre-norm blocks on one sequence:
+    per block 2·n·(4·d² + 2·d·h) for qkv/proj/MLP plus 2·2·n²·d for QKᵀ and AV."""
+    n, d, h = tokens, width, mlp_hidden
+    return float(depth * (2 * n * (4 * d * d + 2 * d * h) + 4 * n * n * d))
+
+
+def vit_flops_per_image(spec: ViTSpec, num_blocks: Optional[int] = None) -> float:
+    """Forward FLOPs of a ViT on one image: patch embedding + `num_blocks` blocks (all by default)."""
+    depth = spec.depth if num_blocks is None else num_blocks
+    patch = 2 * spec.num_patches * (3 * spec.patch_size**2) * spec.embed_dim
+    return transformer_flops(spec.num_tokens, spec.embed_dim, spec.mlp_hidden, depth) + patch
 
 
 __all__ = [
@@ -335,5 +339,6 @@ __all__ = [
     "run_blocks",
     "pixel_mask",
     "count_params",
+    "transformer_flops",
     "vit_flops_per_image",
 ]
