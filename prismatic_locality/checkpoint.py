@@ -74,10 +74,15 @@ def encoder_config(encoder: nn.Module, model_name: str, softcap: float, timm_kwa
     }
 
 
-def _atomic_dir_write(out_dir: Path, write) -> None:
+def atomic_dir_write(out_dir: Path, write) -> None:
+    """Fill a fresh temp directory with `write(tmp)`, then rename it over `out_dir`.
+
+    A crash at any point leaves either the old directory or the new one, never a half-written one.
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; checkpoints are shared like any directory
     try:
         write(tmp)
         if out_dir.exists():
@@ -92,11 +97,18 @@ def _atomic_dir_write(out_dir: Path, write) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, default=str)
         f.write("\n")
@@ -125,7 +137,7 @@ def save_aligned(out_dir: str | os.PathLike, encoder: nn.Module, decoder: MaskEm
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
         write_json(tmp / CONFIG_NAME, config)
 
-    _atomic_dir_write(Path(out_dir), write)
+    atomic_dir_write(Path(out_dir), write)
     return Path(out_dir)
 
 

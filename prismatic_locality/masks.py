@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -132,6 +133,8 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu", str
     Every rank draws the masks for the whole global batch and keeps its slice, so the masks an
     image gets do not depend on the world size or on where a resumed run restarted.
     """
+    # SeedSequence hashes the triple, so no two (seed, stream, step) share a generator state.
+    state = np.random.SeedSequence([seed, stream, step]).generate_state(1, np.uint64)[0]
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + stream * 7_919 + step) % (2**63 - 1))
+    g.manual_seed(int(state) >> 1)
     return g

@@ -1,0 +1,318 @@
+"""MaskEmbed training configuration: draccus dataclasses plus a registry of named recipes.
+
+A run's config is resolved in three layers, later ones winning:
+
+    recipe (``--recipe clip-l-336``)  <  YAML file (``--config_path x.yaml``)  <  CLI (``--optim.lr 1e-4``)
+
+Recipes are plain `AlignConfig` instances built in code (`RECIPES`), the way Prismatic registers
+its model configs. The per-model values are the reference's main runs (maskembed-spec.md A.12):
+global batch 1024 everywhere, per-GPU micro-batch sized for 80 GB GPUs, lr/min_lr 3e-4/3e-5 for
+ViT-B and 2e-4/2e-5 for ViT-L and SO400M, 5 epochs, no warmup.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import tempfile
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import draccus
+
+TARGETS = ("penultimate", "last", "cls")
+LOSSES = ("mse", "cosine", "l1")
+MASK_KINDS = ("uniform", "bernoulli", "block")
+TEACHER_MASKING = ("token", "pixel")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "bf16", "fp32")
+AUGMENTS = ("rkrc", "none")
+INTERPOLATIONS = ("random", "bilinear", "bicubic")
+DATA_FORMATS = ("auto", "folder", "wds")
+ATTN_IMPLS = ("auto", "flex", "math")
+
+
+@dataclass
+class TeacherConfig:
+    # timm name, optionally with a pretrained tag (vit_large_patch14_clip_quickgelu_336.openai)
+    model: str = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    # load the tag's weights through timm (hub or local HF cache); ignored when `weights` is set
+    pretrained: bool = True
+    # local weights file (.safetensors / .pth, timm key layout); wins over `pretrained`
+    weights: Optional[str] = None
+    # architecture overrides passed to timm.create_model (tiny models: img_size, embed_dim, ...)
+    timm_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # reconstruction target: penultimate (final norm of block L-1, reference) | last | cls
+    target: str = "penultimate"
+    # how the teacher sees masked patches: token (zero-patch embedding, exact and cheaper) | pixel
+    masking: str = "token"
+    # teacher weight dtype: auto = bfloat16 on GPU, float32 on CPU
+    dtype: str = "auto"
+
+
+@dataclass
+class EncoderConfig:
+    # attention-logit soft-cap cap·tanh(s/cap) in every encoder block (paper App. C); 0 disables
+    softcap: float = 30.0
+    # soft-capped attention kernel: auto (flex on CUDA) | flex | math
+    attn_impl: str = "auto"
+    # activation checkpointing over the encoder blocks (memory for speed)
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DecoderOptions:
+    width: Optional[int] = None      # default: the teacher's width (reference)
+    depth: int = 2
+    init_values: float = 1e-6        # LayerScale init: a weak decoder avoids the identity solution
+
+
+@dataclass
+class MaskConfig:
+    kind: str = "uniform"            # uniform | bernoulli | block
+    complement: bool = True          # add 1 - m
+    null: bool = True                # add the all-ones mask
+    keep_prob: float = 0.5           # bernoulli only
+    block_ratio: float = 0.4         # block only: visible fraction to reach
+
+
+@dataclass
+class DataConfig:
+    # ImageFolder tree ({root}/{split}/**/*.jpg) or webdataset shards ({root}/{split}/*.tar)
+    root: Optional[str] = None
+    format: str = "auto"             # auto | folder | wds
+    train_split: str = "train"       # a folder name, or for wds a brace pattern of shards
+    val_split: str = "val"
+    # train augmentation: rkrc (reference: resize keep ratio + random zoom/aspect, centre crop or pad,
+    # h-flip) | none (eval transform)
+    augment: str = "rkrc"
+    scale: Tuple[float, float] = (0.08, 1.0)           # rkrc zoom, as an area fraction
+    ratio: Tuple[float, float] = (0.75, 4.0 / 3.0)     # rkrc aspect distortion range
+    hflip: float = 0.5
+    interpolation: str = "random"    # random (bilinear or bicubic per image) | bilinear | bicubic
+    val_batch_size: int = 32         # fixed, so val masks do not depend on the world size
+    val_max_images: Optional[int] = None  # cap on held-out images (target scale + val loss)
+    workers: int = 8                 # DataLoader workers per process (augmentation is seeded per sample)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: Optional[float] = None   # default lr / 10
+    weight_decay: float = 0.01
+    # the reference decays every parameter; True exempts norms, biases, pos/cls tokens
+    exclude_norm_bias_from_wd: bool = False
+    betas: Tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    clip_grad: float = 1.0           # global grad-norm clip; 0 disables
+    warmup_steps: int = 0            # linear warmup from warmup_lr, counted inside the cosine horizon
+    warmup_lr: Optional[float] = None  # default min_lr
+
+    @property
+    def resolved_min_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def resolved_warmup_lr(self) -> float:
+        return self.resolved_min_lr if self.warmup_lr is None else self.warmup_lr
+
+
+@dataclass
+class AlignConfig:
+    recipe: Optional[str] = None
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderOptions = field(default_factory=DecoderOptions)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: str = "mse"                # mse | cosine | l1
+    # targets scaled to unit global variance before training; auto = for mse only (reference)
+    target_scale: str = "auto"       # auto | on | off
+
+    epochs: float = 5.0
+    max_steps: Optional[int] = None  # overrides epochs
+    global_batch: int = 1024         # = micro_batch x grad accumulation x world size
+    micro_batch: int = 32            # per process
+    seed: int = 0
+
+    device: str = "auto"             # auto | cpu | cuda
+    precision: str = "auto"          # auto = bf16 autocast on GPU, fp32 on CPU | bf16 | fp32
+    compile: bool = False            # torch.compile the student and the teacher
+
+    output_dir: str = "runs"
+    run_name: Optional[str] = None   # default: the recipe name, else "align"
+    save_every: int = 1000           # training state every N optimiser steps (and at each epoch end)
+    save_epoch_checkpoints: bool = False  # also an aligned checkpoint dir per epoch
+    resume: str = "auto"             # auto (from the run dir if present) | never | <state dir>
+    log_every: int = 10
+    validate: bool = True            # val loss at the end of every epoch
+    wandb: bool = False              # log to Weights & Biases (only if installed)
+    wandb_project: str = "prismatic-locality"
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes
+# --------------------------------------------------------------------------------------------
+
+
+def _recipe(name: str, teacher: str, lr: float, micro_batch: int, **changes) -> AlignConfig:
+    cfg = AlignConfig(recipe=name, teacher=TeacherConfig(model=teacher),
+                      optim=OptimConfig(lr=lr), global_batch=1024, micro_batch=micro_batch)
+    for key, value in changes.items():
+        _set(cfg, key, value)
+    return cfg
+
+
+def demo_recipe() -> AlignConfig:
+    """The CPU demo (placeholder values; the demo owns them): a tiny from-scratch teacher on 48 px
+    digit scenes, its weights given by ``--teacher.weights``. Prototype numbers: demo-prototype.md."""
+    cfg = AlignConfig(
+        recipe="demo",
+        teacher=TeacherConfig(
+            model="vit_tiny_patch16_224", pretrained=False,
+            timm_kwargs=dict(img_size=48, patch_size=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0),
+        ),
+        optim=OptimConfig(lr=3e-4, min_lr=3e-5),
+        data=DataConfig(augment="none", val_batch_size=64, val_max_images=512, workers=0),
+        epochs=1.0, max_steps=400, global_batch=64, micro_batch=64,
+        device="cpu", save_every=100, log_every=10,
+    )
+    return cfg
+
+
+RECIPES: Dict[str, Callable[[], AlignConfig]] = {
+    "clip-l-336": lambda: _recipe("clip-l-336", "vit_large_patch14_clip_quickgelu_336.openai", 2e-4, 32),
+    "siglip-so400m-384": lambda: _recipe("siglip-so400m-384", "vit_so400m_patch14_siglip_384", 2e-4, 16),
+    "clip-b-224": lambda: _recipe("clip-b-224", "vit_base_patch16_clip_quickgelu_224.openai", 3e-4, 256),
+    "siglip-b-224": lambda: _recipe("siglip-b-224", "vit_base_patch16_siglip_224", 3e-4, 256),
+    "in1k-vit-b": lambda: _recipe("in1k-vit-b", "vit_base_patch16_224.augreg_in21k_ft_in1k", 3e-4, 256),
+    "demo": demo_recipe,
+}
+
+
+def get_recipe(name: str) -> AlignConfig:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe '{name}' (known: {', '.join(RECIPES)})")
+    return RECIPES[name]()
+
+
+def _set(cfg: Any, dotted: str, value: Any) -> None:
+    *path, last = dotted.split(".")
+    for p in path:
+        cfg = getattr(cfg, p)
+    setattr(cfg, last, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _choice(value: Any, allowed: tuple, name: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"config field '{name}': '{value}' is not one of {' | '.join(map(str, allowed))}")
+
+
+def validate(cfg: AlignConfig) -> AlignConfig:
+    """Fail fast, one line naming the field."""
+    _choice(cfg.teacher.target, TARGETS, "teacher.target")
+    _choice(cfg.teacher.masking, TEACHER_MASKING, "teacher.masking")
+    _choice(cfg.teacher.dtype, DTYPES, "teacher.dtype")
+    _choice(cfg.encoder.attn_impl, ATTN_IMPLS, "encoder.attn_impl")
+    _choice(cfg.masks.kind, MASK_KINDS, "masks.kind")
+    _choice(cfg.loss, LOSSES, "loss")
+    _choice(cfg.target_scale, ("auto", "on", "off"), "target_scale")
+    _choice(cfg.precision, PRECISIONS, "precision")
+    _choice(cfg.device, ("auto", "cpu", "cuda"), "device")
+    _choice(cfg.data.augment, AUGMENTS, "data.augment")
+    _choice(cfg.data.interpolation, INTERPOLATIONS, "data.interpolation")
+    _choice(cfg.data.format, DATA_FORMATS, "data.format")
+    positive = {"global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch, "save_every": cfg.save_every,
+                "log_every": cfg.log_every, "data.val_batch_size": cfg.data.val_batch_size,
+                "decoder.depth": cfg.decoder.depth, "optim.lr": cfg.optim.lr}
+    for name, v in positive.items():
+        if not v > 0:
+            raise ValueError(f"config field '{name}' must be > 0, got {v}")
+    if cfg.max_steps is not None and cfg.max_steps <= 0:
+        raise ValueError(f"config field 'max_steps' must be > 0, got {cfg.max_steps}")
+    if cfg.max_steps is None and not cfg.epochs > 0:
+        raise ValueError(f"config field 'epochs' must be > 0, got {cfg.epochs}")
+    if not 0.0 <= cfg.data.hflip <= 1.0:
+        raise ValueError(f"config field 'data.hflip' must be in [0, 1], got {cfg.data.hflip}")
+    lo, hi = cfg.data.scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"config field 'data.scale' must satisfy 0 < lo <= hi <= 1, got {cfg.data.scale}")
+    if cfg.optim.warmup_steps < 0:
+        raise ValueError(f"config field 'optim.warmup_steps' must be >= 0, got {cfg.optim.warmup_steps}")
+    if cfg.data.root is None:
+        raise ValueError("config field 'data.root' is required (an ImageFolder tree or a folder of .tar shards)")
+    return cfg
+
+
+def to_dict(cfg: AlignConfig) -> dict:
+    return draccus.encode(cfg)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "timm_kwargs" else v
+    return out
+
+
+def _check_keys(d: dict, cls: type, where: str, prefix: str = "") -> None:
+    """Unknown YAML keys: name them (draccus's own message does not say which file)."""
+    names = {f.name: f for f in fields(cls)}
+    for k, v in d.items():
+        if k not in names:
+            raise ValueError(f"{where}: unknown config field '{prefix}{k}'")
+        factory = names[k].default_factory
+        if isinstance(v, dict) and factory is not MISSING and is_dataclass(factory):
+            _check_keys(v, factory, where, f"{prefix}{k}.")
+
+
+def parse_config(argv: Optional[List[str]] = None) -> AlignConfig:
+    """recipe < YAML (--config_path) < CLI, parsed by draccus; errors are one line naming the field."""
+    import yaml
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default=None)
+    pre.add_argument("--config_path", default=None)
+    known, rest = pre.parse_known_args(list(argv or []))
+
+    file_cfg: dict = {}
+    if known.config_path:
+        if not os.path.isfile(known.config_path):
+            raise FileNotFoundError(f"config file not found: {known.config_path}")
+        with open(known.config_path) as f:
+            try:
+                file_cfg = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{known.config_path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(file_cfg, dict):
+            raise ValueError(f"{known.config_path}: expected a mapping of config fields")
+        _check_keys(file_cfg, AlignConfig, known.config_path)
+    recipe = known.recipe or file_cfg.get("recipe")
+    base = to_dict(get_recipe(recipe)) if recipe else to_dict(AlignConfig())
+    merged = _deep_merge(base, file_cfg)
+    merged["recipe"] = recipe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(merged, f)
+        try:
+            cfg = draccus.parse(AlignConfig, config_path=path, args=rest, exit_on_error=False)
+        except draccus.utils.DraccusException as e:
+            msg = " ".join(str(e).split())
+            if msg.startswith("unrecognized arguments"):
+                msg = f"unknown config field(s): {msg.split(':', 1)[1].strip()}"
+            raise ValueError(f"bad config: {msg}") from None
+    return cfg
+
+
+__all__ = [
+    "AlignConfig", "TeacherConfig", "EncoderConfig", "DecoderOptions", "MaskConfig", "DataConfig",
+    "OptimConfig", "RECIPES", "get_recipe", "demo_recipe", "parse_config", "validate", "to_dict",
+]

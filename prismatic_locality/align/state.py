@@ -1,0 +1,112 @@
+"""Training state: everything a killed run needs to continue bit-identically.
+
+``{run_dir}/state/`` is written atomically as a whole directory (temp dir + rename), so a kill during
+a save leaves the previous state intact:
+
+- ``model.safetensors``: the student (``encoder.*``, ``decoder.*``), the same keys as an aligned checkpoint;
+- ``optimizer.pt``: AdamW's state dict (tensors and numbers only; read with ``weights_only=True``);
+- ``state.json``: step, epoch, the target scale (so a resume does not re-estimate it), the full
+  config, counters.
+
+Nothing else is needed: data order, augmentation and masks are pure functions of (seed, step), and
+the model has no dropout, so there is no RNG state to restore.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import CheckpointError, atomic_dir_write, write_json
+
+STATE_FORMAT = "prismatic-locality/align-state-v1"
+MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.json"
+
+# Config fields that may differ on resume: they change where/how things run, not the result
+# (micro_batch only changes how the global batch is accumulated).
+RESUMABLE_CHANGES = (
+    "resume", "output_dir", "run_name", "save_every", "save_epoch_checkpoints", "log_every", "validate",
+    "wandb", "wandb_project", "device", "compile", "micro_batch", "data.workers", "data.root",
+    "teacher.weights", "encoder.attn_impl", "encoder.grad_checkpointing",
+)
+
+
+def save_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: dict) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    optim_state = optimizer.state_dict()
+
+    def write(tmp: Path):
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": STATE_FORMAT})
+        torch.save(optim_state, tmp / OPTIM_FILE)
+        write_json(tmp / STATE_FILE, {"format": STATE_FORMAT, **info})
+
+    atomic_dir_write(Path(state_dir), write)
+
+
+def has_state(state_dir: Path) -> bool:
+    return (Path(state_dir) / STATE_FILE).is_file()
+
+
+def read_state_info(state_dir: Path) -> dict:
+    path = Path(state_dir) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no training state: {path} is missing")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if info.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: format is {info.get('format')!r}, expected {STATE_FORMAT!r}")
+    return info
+
+
+def load_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    state_dir = Path(state_dir)
+    info = read_state_info(state_dir)
+    weights = state_dir / MODEL_FILE
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{weights}: unreadable ({e})") from None
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: does not match the model (missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")
+    try:
+        optim_state = torch.load(state_dir / OPTIM_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(optim_state)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{state_dir / OPTIM_FILE}: cannot restore the optimiser ({e})") from None
+    return info
+
+
+def _flatten(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "timm_kwargs":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _norm(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))  # tuples vs lists, as stored
+
+
+def config_mismatch(saved: dict, current: dict, source: str) -> Optional[str]:
+    """A one-line description of the first config field that differs (None if resumable)."""
+    a, b = _flatten(_norm(saved)), _flatten(_norm(current))
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            return (f"{source}: config field '{key}' differs from the checkpoint "
+                    f"(checkpoint: {a.get(key, '<absent>')!r}, now: {b.get(key, '<absent>')!r}); "
+                    f"use --resume never or another --run_name to start over")
+    return None

@@ -1,0 +1,449 @@
+"""The MaskEmbed trainer: ``locality align`` / ``torchrun scripts/align.py`` / ``train(cfg)``.
+
+One optimiser step = one global batch of G images = micro_batch x accumulation x world size.
+For every micro-batch: the teacher h computes targets on the masked images, the encoder f_θ runs
+once on the clean images, the decoder g_ψ reconstructs the targets from the masked embeddings
+(`maskembed.MaskEmbed`); the loss is back-propagated under DDP ``no_sync`` except on the last
+micro-batch; then grad-norm clip, AdamW, cosine lr (spec A.0, A.8).
+
+Everything random is a pure function of (seed, step) (see `data.dataset`), so a 2-process run
+equals a 1-process run at the same global batch, and a killed run resumed from its last training
+state reaches bit-identical weights on CPU.
+
+Output: ``{output_dir}/{run_name}/`` with config.yaml, metrics.jsonl, state/ (latest training
+state), aligned/ (the aligned checkpoint, `checkpoint.save_aligned`), epoch-NNN/ (optional).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import draccus
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .. import vit as V
+from ..checkpoint import CheckpointError, save_aligned
+from ..data import RKRC, EvalTransform, GlobalBatchOrder, SeededImages, collate, open_source
+from ..decoder import MaskEmbedDecoder
+from ..maskembed import MaskEmbed, Teacher, default_decoder_config, estimate_target_scale, make_encoder
+from ..masks import build_mask_sampler, step_generator
+from . import distributed as D
+from .config import AlignConfig, parse_config, to_dict, validate
+from .optim import build_optimizer, lr_at, set_lr
+from .state import config_mismatch, has_state, load_state, read_state_info, save_state
+
+log = logging.getLogger("prismatic_locality.align")
+
+TRAIN_STREAM, VAL_STREAM = 0, 1  # mask generator streams (masks.step_generator)
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss or gradient became NaN/Inf; the message names the step and the last good state."""
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def build_teacher_vit(cfg: AlignConfig) -> nn.Module:
+    t = cfg.teacher
+    pretrained = t.pretrained and t.weights is None
+    try:
+        vit = V.create_vit(t.model, pretrained=pretrained, weights=t.weights, **t.timm_kwargs)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # hub / cache failures come in many types
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"config field 'teacher.model': cannot create '{t.model}' with pretrained weights "
+                         f"({msg}); offline? pass a local file with --teacher.weights") from None
+    if not pretrained and t.weights is None:
+        log.warning("the teacher has random weights (no teacher.weights, teacher.pretrained=false): "
+                    "fine for tests, meaningless for alignment")
+    return vit
+
+
+def build_model(cfg: AlignConfig, device: torch.device) -> MaskEmbed:
+    """Teacher h, encoder f_θ (a copy of the teacher) and decoder g_ψ; seeded, so every rank agrees."""
+    torch.manual_seed(cfg.seed)
+    vit = build_teacher_vit(cfg)
+    student = copy.deepcopy(vit)
+    teacher = Teacher(vit, target=cfg.teacher.target, masking=cfg.teacher.masking)
+    dcfg = default_decoder_config(teacher.spec, V.vit_spec(student), width=cfg.decoder.width,
+                                  depth=cfg.decoder.depth, init_values=cfg.decoder.init_values)
+    encoder = make_encoder(student, dcfg.width, softcap=cfg.encoder.softcap, attn_impl=cfg.encoder.attn_impl)
+    if cfg.encoder.grad_checkpointing:
+        encoder.set_grad_checkpointing(True)
+    model = MaskEmbed(encoder, MaskEmbedDecoder(dcfg), teacher, loss=cfg.loss).to(device)
+    teacher.to(device)
+    dtype = cfg.teacher.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    teacher.vit.to(getattr(torch, dtype))  # cast once; the teacher never trains
+    return model
+
+
+def autocast_context(cfg: AlignConfig, device: torch.device):
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def data_transforms(cfg: AlignConfig, teacher: Teacher):
+    """Train/eval transforms at the teacher's resolution, normalised with its mean/std (spec A.9)."""
+    s = teacher.spec
+    pcfg = getattr(teacher.vit, "pretrained_cfg", None) or {}
+    interp = pcfg.get("interpolation", "bicubic")
+    evaluate = EvalTransform(s.img_size, s.mean, s.std, crop_pct=pcfg.get("crop_pct", 1.0) or 1.0,
+                             interpolation=interp if interp in ("bilinear", "bicubic") else "bicubic")
+    if cfg.data.augment == "none":
+        return evaluate, evaluate
+    d = cfg.data
+    train = RKRC(s.img_size, s.mean, s.std, scale=tuple(d.scale), ratio=tuple(d.ratio), hflip=d.hflip,
+                 interpolation=d.interpolation)
+    return train, evaluate
+
+
+class Metrics:
+    """metrics.jsonl (+ wandb when enabled and installed), main process only."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int], cfg: AlignConfig):
+        self.path, self.enabled, self.wandb = path, enabled, None
+        if not enabled:
+            return
+        if resume_step is None:
+            path.unlink(missing_ok=True)
+        elif path.exists():  # drop what the interrupted run logged after its last saved state
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            os.replace(tmp, path)
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                log.warning("wandb is enabled but not installed (pip install wandb); logging to %s only", path)
+            else:
+                self.wandb = wandb.init(project=cfg.wandb_project, name=path.parent.name, config=to_dict(cfg), resume="allow")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out data: target scale and validation loss
+# --------------------------------------------------------------------------------------------
+
+
+def val_batches(cfg: AlignConfig, dataset: SeededImages, sampler, info: D.DistInfo, device: torch.device
+                ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the held-out batches (b ≡ rank mod world), masks seeded by batch index,
+    so the masks an image gets are the same every epoch and for every world size (spec A.1)."""
+    n = len(dataset) if cfg.data.val_max_images is None else min(len(dataset), cfg.data.val_max_images)
+    vb = cfg.data.val_batch_size
+    num_batches = math.ceil(n / vb)
+    if num_batches < info.world_size:
+        raise ValueError(f"config field 'data.val_batch_size': {n} held-out images make {num_batches} batches of "
+                         f"{vb}, fewer than the {info.world_size} processes; lower it")
+    mine = [[(0, i) for i in range(b * vb, min(n, (b + 1) * vb))] for b in range(info.rank, num_batches, info.world_size)]
+    loader = DataLoader(dataset, batch_sampler=mine, collate_fn=collate, num_workers=cfg.data.workers,
+                        pin_memory=device.type == "cuda")
+    for b, (images, skipped) in zip(range(info.rank, num_batches, info.world_size), loader):
+        for name in skipped:
+            log.warning("skipped unreadable held-out image %s", name)
+        masks = sampler(images.shape[0], step_generator(cfg.seed, b, device, stream=VAL_STREAM))
+        yield images.to(device, non_blocking=True), masks
+
+
+@torch.no_grad()
+def validation_loss(model: MaskEmbed, batches, autocast, info: D.DistInfo, device: torch.device) -> float:
+    model.eval()
+    acc = torch.zeros(2, dtype=torch.float64, device=device)
+    for images, masks in batches:
+        with autocast():
+            loss = model(images, masks)
+        acc += torch.stack([loss.double() * images.shape[0], torch.tensor(float(images.shape[0]), dtype=torch.float64, device=device)])
+    model.train()
+    D.all_reduce_sum(acc, info)
+    return (acc[0] / acc[1]).item()
+
+
+def accumulate_gradients(forward, ddp: Optional[DDP], batches, masks: torch.Tensor, order: GlobalBatchOrder,
+                         autocast, device: torch.device, seen_bad: set) -> Tuple[torch.Tensor, int]:
+    """Forward/backward this rank's micro-batches of one step (DDP syncs on the last one only).
+    Returns the rank's mean loss (no host sync) and the number of images skipped as unreadable."""
+    loss_sum = torch.zeros((), device=device)
+    skipped_now = 0
+    for j in range(order.accum_steps):
+        images, skipped = next(batches)
+        for name in skipped:
+            skipped_now += 1
+            if name not in seen_bad:
+                seen_bad.add(name)
+                log.warning("skipped unreadable image %s", name)
+        images = images.to(device, non_blocking=True)
+        m = masks[j * order.micro_batch: (j + 1) * order.micro_batch]
+        sync = ddp is None or j == order.accum_steps - 1
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            with autocast():
+                loss = forward(images, m)
+            (loss / order.accum_steps).backward()
+        loss_sum += loss.detach() / order.accum_steps
+    return loss_sum, skipped_now
+
+
+def clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global grad-norm clip (spec A.8); with max_norm <= 0 only measures the norm."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def run_dir_of(cfg: AlignConfig) -> Path:
+    return Path(cfg.output_dir) / (cfg.run_name or cfg.recipe or "align")
+
+
+def _resume_source(cfg: AlignConfig, run_dir: Path) -> Optional[Path]:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        return run_dir / "state" if has_state(run_dir / "state") else None
+    path = Path(cfg.resume)
+    if not has_state(path):
+        raise FileNotFoundError(f"config field 'resume': no training state at {path} (expected {path / 'state.json'})")
+    return path
+
+
+def train(cfg: AlignConfig) -> Path:
+    """Run (or resume) MaskEmbed training; returns the aligned checkpoint directory."""
+    validate(cfg)
+    info = D.setup(cfg.device)
+    try:
+        return _train(cfg, info)
+    finally:
+        D.teardown(info)
+
+
+def _train(cfg: AlignConfig, info: D.DistInfo) -> Path:
+    device = info.device
+    if device.type == "cuda":  # the reference's settings (spec A.10)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    run_dir = run_dir_of(cfg)
+    state_dir = run_dir / "state"
+    t_start = time.time()
+
+    model = build_model(cfg, device)
+    teacher = model.teacher
+    autocast = autocast_context(cfg, device)
+    sampler = build_mask_sampler(cfg.masks.kind, teacher.spec.grid, cfg.masks.complement, cfg.masks.null,
+                                 cfg.masks.keep_prob, cfg.masks.block_ratio)
+    if sampler.num_patches != V.vit_spec(model.encoder).num_patches:
+        raise ValueError("teacher and encoder patch grids differ")
+
+    # Data
+    train_tf, eval_tf = data_transforms(cfg, teacher)
+    train_set = SeededImages(open_source(cfg.data.root, cfg.data.train_split, cfg.data.format), train_tf, cfg.seed)
+    order = GlobalBatchOrder(len(train_set), cfg.global_batch, cfg.micro_batch, info.world_size, info.rank, cfg.seed)
+    total_steps = cfg.max_steps or max(1, round(cfg.epochs * order.steps_per_epoch))
+    use_scale = cfg.target_scale == "on" or (cfg.target_scale == "auto" and cfg.loss == "mse")
+    val_set = None
+    if use_scale or cfg.validate:
+        val_set = SeededImages(open_source(cfg.data.root, cfg.data.val_split, cfg.data.format), eval_tf, cfg.seed)
+
+    optimizer = build_optimizer(model.named_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
+                                cfg.optim.eps, cfg.optim.exclude_norm_bias_from_wd)
+
+    # Resume or start
+    resume_from = D.broadcast_object(_resume_source(cfg, run_dir), info)
+    cfg_dict = to_dict(cfg)
+    if resume_from is not None:
+        saved = read_state_info(resume_from)
+        problem = config_mismatch(saved.get("config", {}), cfg_dict, str(resume_from / "state.json"))
+        if problem:
+            raise CheckpointError(problem)
+        saved = load_state(resume_from, model, optimizer)
+        step, scale_stats = saved["step"], saved.get("target_scale")
+        counters = saved.get("counters", {})
+        if scale_stats is not None:
+            teacher.scale.fill_(scale_stats["scale"])
+        log.info("resumed from %s at step %d/%d", resume_from, step, total_steps)
+    else:
+        step, scale_stats, counters = 0, None, {}
+        if use_scale:
+            with autocast():
+                scale_stats = estimate_target_scale(teacher, val_batches(cfg, val_set, sampler, info, device))
+            log.info("target scale 1/std = %.6g (mean %.4g, var %.4g over %d values)", scale_stats["scale"],
+                     scale_stats["mean"], scale_stats["var"], scale_stats["count"])
+    skipped_total = counters.get("skipped_images", 0)
+    wall_before = counters.get("wall_time_s", 0.0)
+    last_saved_step = step if resume_from is not None else None
+
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / ".config.yaml.tmp", "w") as f:
+            draccus.dump(cfg, f)
+        os.replace(run_dir / ".config.yaml.tmp", run_dir / "config.yaml")
+    metrics = Metrics(run_dir / "metrics.jsonl", info.is_main, step if resume_from is not None else None, cfg)
+    if info.is_main:
+        log.info("run %s: %d train images, %d steps (%d/epoch), global batch %d = %d x %d accum x %d procs",
+                 run_dir, len(train_set), total_steps, order.steps_per_epoch, cfg.global_batch, cfg.micro_batch,
+                 order.accum_steps, info.world_size)
+
+    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False) if info.distributed else None
+    forward = ddp if ddp is not None else model
+    if cfg.compile:
+        forward = torch.compile(forward)
+        object.__setattr__(model, "teacher", torch.compile(teacher))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def state_info(last_loss, val_loss) -> dict:
+        return {"step": step, "epoch": step / order.steps_per_epoch, "total_steps": total_steps,
+                "target_scale": scale_stats, "config": cfg_dict, "world_size": info.world_size,
+                "last_loss": last_loss, "val_loss": val_loss,
+                "counters": {"skipped_images": skipped_total, "wall_time_s": wall_before + time.time() - t_start}}
+
+    def save(last_loss, val_loss):
+        nonlocal last_saved_step
+        if info.is_main:
+            save_state(state_dir, model, optimizer, state_info(last_loss, val_loss))
+        D.barrier(info)
+        last_saved_step = step
+
+    loader = DataLoader(train_set, batch_sampler=order.micro_batches(step, total_steps), collate_fn=collate,
+                        num_workers=cfg.data.workers, pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=not info.is_main,
+               desc=f"align {run_dir.name}")
+    seen_bad: set = set()
+    last_loss = val_loss = None
+    window_t, window_steps, window_loss = time.time(), 0, 0.0
+    rs = order.rank_slice()
+    model.train()
+    while step < total_steps:
+        lr = lr_at(step, total_steps, cfg.optim.lr, cfg.optim.resolved_min_lr, cfg.optim.warmup_steps,
+                   cfg.optim.resolved_warmup_lr)
+        set_lr(optimizer, lr)
+        # the whole global batch's masks on every rank, then this rank's slice (masks.step_generator)
+        masks = sampler(cfg.global_batch, step_generator(cfg.seed, step, device, stream=TRAIN_STREAM))[rs]
+        loss_sum, skipped_now = accumulate_gradients(forward, ddp, batches, masks, order, autocast, device, seen_bad)
+        grad_norm = clip_grad_norm(params, cfg.optim.clip_grad)
+        # one small all-reduce per step: mean loss for logging, a global non-finite flag, skip counts
+        stats = torch.stack([loss_sum.double(), (~torch.isfinite(loss_sum)).double(),
+                             torch.tensor(float(skipped_now), dtype=torch.float64, device=device)])
+        D.all_reduce_sum(stats, info)
+        step_loss = stats[0].item() / info.world_size
+        gn = grad_norm.item()
+        if stats[1].item() > 0 or not math.isfinite(gn):
+            optimizer.zero_grad(set_to_none=True)
+            where = (f"the last good training state is {state_dir} (step {last_saved_step})" if last_saved_step is not None
+                     else "no training state had been saved yet")
+            # steps are numbered as in metrics.jsonl: step k = the k-th optimiser update
+            metrics.write({"step": step + 1, "event": "non_finite", "loss": step_loss, "grad_norm": gn})
+            bar.close()
+            metrics.close()
+            raise NonFiniteLoss(f"non-finite loss/gradient at step {step + 1} (loss {step_loss}, grad norm {gn}); "
+                                f"stopped before that update; {where}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        skipped_total += int(stats[2].item())
+        last_loss = step_loss
+        window_steps += 1
+        window_loss += step_loss
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == total_steps:
+            elapsed = max(time.time() - window_t, 1e-9)
+            rate = window_steps * cfg.global_batch / elapsed
+            rec = {"step": step, "epoch": round(step / order.steps_per_epoch, 4), "loss": window_loss / window_steps,
+                   "lr": lr, "grad_norm": gn, "img_per_s": rate, "skipped_images": skipped_total}
+            metrics.write(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}", skipped=skipped_total)
+            window_t, window_steps, window_loss = time.time(), 0, 0.0
+
+        end_of_epoch = step % order.steps_per_epoch == 0
+        t_aside = time.time()  # validation and saving are not training throughput
+        if end_of_epoch and cfg.validate:
+            val_loss = validation_loss(model, val_batches(cfg, val_set, sampler, info, device), autocast, info, device)
+            metrics.write({"step": step, "epoch": step // order.steps_per_epoch, "val_loss": val_loss})
+            if info.is_main:
+                bar.write(f"epoch {step // order.steps_per_epoch}: val loss {val_loss:.5f}")
+        if end_of_epoch and cfg.save_epoch_checkpoints and info.is_main:
+            _save_aligned(run_dir / f"epoch-{step // order.steps_per_epoch:03d}", model, cfg, cfg_dict,
+                          state_info(last_loss, val_loss))
+        if step % cfg.save_every == 0 or end_of_epoch or step == total_steps:
+            save(last_loss, val_loss)
+        window_t += time.time() - t_aside
+    bar.close()
+
+    if last_saved_step != step:  # a resumed, already finished run
+        save(last_loss, val_loss)
+    out = run_dir / "aligned"
+    if info.is_main:
+        summary = state_info(last_loss, val_loss)
+        if resume_from is not None and last_loss is None:
+            summary.update(last_loss=saved.get("last_loss"), val_loss=saved.get("val_loss"))
+        _save_aligned(out, model, cfg, cfg_dict, summary)
+        log.info("aligned checkpoint: %s", out)
+    D.barrier(info)
+    metrics.close()
+    return out
+
+
+def _save_aligned(out: Path, model: MaskEmbed, cfg: AlignConfig, cfg_dict: dict, summary: dict) -> None:
+    t = cfg.teacher
+    training = {k: v for k, v in summary.items() if k != "config"}
+    save_aligned(out, model.encoder, model.decoder, model_name=t.model, softcap=cfg.encoder.softcap,
+                 timm_kwargs=t.timm_kwargs,
+                 extra={"teacher": {"model": t.model, "weights": t.weights, "target": t.target, "masking": t.masking},
+                        "target": t.target, "recipe": cfg.recipe, "align_config": cfg_dict, "training": training})
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_config(argv)
+        out = train(cfg)
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:  # CheckpointError is a ValueError
+        print(f"locality align: error: {e}", file=sys.stderr)
+        return 1
+    if rank == 0:
+        print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

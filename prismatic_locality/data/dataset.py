@@ -1,0 +1,117 @@
+"""Seeded, skip-tolerant image datasets and the global-batch order that drives training.
+
+Determinism design (what makes DDP runs equal single-process runs and resumes bit-exact):
+
+- Epoch e visits the images in a global permutation that is a pure function of (seed, e).
+- Global batch g of the epoch is ``perm[g*G : (g+1)*G]``; rank r takes its contiguous slice of it
+  and micro-batch j the contiguous slice of that (`GlobalBatchOrder`).
+- Image i's augmentation is drawn from a generator seeded by (seed, e, i) (`SeededImages`), so
+  DataLoader workers, world size and restarts do not change it.
+
+An unreadable image is skipped: the dataset returns the next readable image in file order instead
+(a deterministic substitute, so every micro-batch keeps its size and every DDP rank does the same
+work) and reports the skipped file, which the trainer counts and logs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .sources import UnreadableImage
+
+MAX_CONSECUTIVE_UNREADABLE = 64
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index])
+
+
+class SeededImages(Dataset):
+    """``dataset[(epoch, index)]`` -> (normalised image tensor, names of files skipped to get it)."""
+
+    def __init__(self, source, transform: Callable, seed: int):
+        self.source = source
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        epoch, index = key
+        skipped: List[str] = []
+        for attempt in range(MAX_CONSECUTIVE_UNREADABLE):
+            j = (index + attempt) % len(self.source)
+            try:
+                img = self.source.load(j)
+            except UnreadableImage as e:
+                skipped.append(f"{e}")
+                continue
+            # the augmentation is keyed on the slot (index), not on the substitute file
+            return self.transform(img, sample_rng(self.seed, epoch, index)), skipped
+        raise ValueError(f"{MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images from {self.source.name(index)}")
+
+
+def collate(batch):
+    images = torch.stack([b[0] for b in batch])
+    skipped = [name for b in batch for name in b[1]]
+    return images, skipped
+
+
+@dataclass
+class GlobalBatchOrder:
+    """Which (epoch, index) items each rank's micro-batches hold, step by step."""
+
+    num_samples: int
+    global_batch: int
+    micro_batch: int
+    world_size: int = 1
+    rank: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        per_rank = self.micro_batch * self.world_size
+        if self.global_batch % per_rank:
+            raise ValueError(
+                f"config field 'global_batch': {self.global_batch} is not divisible by micro_batch "
+                f"{self.micro_batch} x world size {self.world_size}"
+            )
+        if self.num_samples < self.global_batch:
+            raise ValueError(f"the train split has {self.num_samples} images, fewer than one global batch ({self.global_batch})")
+
+    @property
+    def accum_steps(self) -> int:
+        return self.global_batch // (self.micro_batch * self.world_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch  # drop_last, as the reference
+
+    @property
+    def rank_batch(self) -> int:
+        return self.global_batch // self.world_size
+
+    def rank_slice(self) -> slice:
+        return slice(self.rank * self.rank_batch, (self.rank + 1) * self.rank_batch)
+
+    def micro_batches(self, start_step: int, end_step: int) -> Iterator[List[Tuple[int, int]]]:
+        """Micro-batches of (epoch, index) for this rank, for optimiser steps [start_step, end_step)."""
+        perm, perm_epoch = None, -1
+        for step in range(start_step, end_step):
+            epoch, g = divmod(step, self.steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = epoch_permutation(self.seed, epoch, self.num_samples), epoch
+            mine = perm[g * self.global_batch: (g + 1) * self.global_batch][self.rank_slice()]
+            for j in range(self.accum_steps):
+                yield [(epoch, int(i)) for i in mine[j * self.micro_batch: (j + 1) * self.micro_batch]]
+
+
+__all__ = ["SeededImages", "GlobalBatchOrder", "collate", "epoch_permutation", "sample_rng"]
