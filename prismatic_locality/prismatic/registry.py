@@ -1,0 +1,86 @@
+"""Registration with Prismatic: the one place that changes Prismatic's state (imports Prismatic).
+
+`register()` (run on ``import prismatic_locality.prismatic``; idempotent) does three things:
+
+1. Vision backbones: inserts the aligned ids (and the fork's aliases) into
+   ``prismatic.models.materialize.VISION_BACKBONES``. `get_vision_backbone_and_transform` reads that
+   dict at call time, so training, ``prismatic.load()`` and vlm-evaluation all see them.
+2. Model configs: registers `configs.MODEL_CONFIGS` as draccus ``--model.type`` choices.
+3. THE MONKEYPATCH (the only one): ``PrismaticVLM.__init__`` picks its projector with a closed
+   if/elif on ``arch_specifier`` and raises for anything else, and both `get_vlm` and
+   ``PrismaticVLM.from_pretrained`` go through it. We wrap it on the class: for our arch specifiers
+   the original runs with a stock one (building a throw-away MLP), then ``projector`` is replaced
+   by the DecoderProjector and ``arch_specifier`` restored. Stock specifiers are untouched.
+   Our specifiers start with ``no-align+`` (so single-stage runs need no align checkpoint) and
+   never end in ``linear``/``gelu-mlp``, which upstream would silently build as its own projector.
+
+Also ``PrismaticVLM._supports_cache_class = False`` when unset: transformers >= 4.42 asks
+`generate` callers for it (TRI-ML/prismatic-vlms#42); the value is what the fork sets.
+"""
+from __future__ import annotations
+
+from functools import wraps
+
+import prismatic.models.materialize as materialize
+from prismatic.models.vlms.prismatic import PrismaticVLM
+
+from .backbone import AlignedViTBackbone
+from .configs import DECODER_ARCH, MLP_ARCH, register_model_configs
+from .projector import DecoderProjector
+from .weights import all_backbone_ids, register_checkpoint
+
+# arch_specifier -> activation override for the decoder (None = the checkpoint's own).
+# "no-align+pretrained-decoder" is the paper fork's name; it built the decoder with nn.GELU even
+# for QuickGELU CLIP checkpoints, so its runs are reloaded with GELU to reproduce them exactly.
+DECODER_ARCHS: dict[str, str | None] = {DECODER_ARCH: None, "no-align+pretrained-decoder": "gelu"}
+
+_PATCH_FLAG = "_prismatic_locality_patched"
+
+
+def register_aligned_backbone(backbone_id: str, default_image_size: int, checkpoint=None) -> None:
+    """Make `backbone_id` an aligned vision backbone id in Prismatic (e.g. your own alignment run).
+
+    `checkpoint`: an aligned checkpoint directory or ``hf://owner/name[@rev]``; without it the
+    weights are looked up under ``$PRISMATIC_LOCALITY_CKPT_ROOT/<backbone_id>/``.
+    """
+    materialize.VISION_BACKBONES[backbone_id] = {
+        "cls": AlignedViTBackbone, "kwargs": {"default_image_size": int(default_image_size)}
+    }
+    if checkpoint is not None:
+        register_checkpoint(backbone_id, checkpoint)
+
+
+def _patch_projector_selection() -> None:
+    original = PrismaticVLM.__init__
+    if getattr(original, _PATCH_FLAG, False):
+        return
+
+    @wraps(original)
+    def __init__(self, model_id, vision_backbone, llm_backbone, enable_mixed_precision_training=True,
+                 arch_specifier="gelu-mlp"):
+        if arch_specifier not in DECODER_ARCHS:
+            return original(self, model_id, vision_backbone, llm_backbone,
+                            enable_mixed_precision_training=enable_mixed_precision_training, arch_specifier=arch_specifier)
+        if not isinstance(vision_backbone, AlignedViTBackbone):
+            raise ValueError(
+                f"arch_specifier '{arch_specifier}' needs an aligned vision backbone (one of "
+                f"{sorted(all_backbone_ids())}), got '{vision_backbone.identifier}'"
+            )
+        original(self, model_id, vision_backbone, llm_backbone,
+                 enable_mixed_precision_training=enable_mixed_precision_training, arch_specifier=MLP_ARCH)
+        self.projector = DecoderProjector.from_init(
+            vision_backbone.projector_init, llm_backbone.embed_dim, act=DECODER_ARCHS[arch_specifier]
+        )
+        self.arch_specifier = arch_specifier
+
+    setattr(__init__, _PATCH_FLAG, True)
+    PrismaticVLM.__init__ = __init__
+
+
+def register() -> None:
+    for backbone_id, size in all_backbone_ids().items():
+        register_aligned_backbone(backbone_id, size)
+    register_model_configs()
+    _patch_projector_selection()
+    if not hasattr(PrismaticVLM, "_supports_cache_class"):
+        PrismaticVLM._supports_cache_class = False

@@ -1,0 +1,260 @@
+"""The Prismatic plugin's Prismatic-free parts: weights resolution, featurizer, transform, DecoderProjector.
+
+Always run (CI has no Prismatic). Tiny random models; the real CLIP-L/336 and SO400M/384
+architectures are only built on the meta device (shapes, no memory, no weights).
+"""
+import copy
+import os
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from torchvision.transforms import Compose
+
+from prismatic_locality import vit as V
+from prismatic_locality.checkpoint import CheckpointError, load_aligned, save_aligned
+from prismatic_locality.decoder import MaskEmbedDecoder
+from prismatic_locality.maskembed import default_decoder_config, make_encoder
+from prismatic_locality.prismatic import features as F
+from prismatic_locality.prismatic import weights as W
+from prismatic_locality.prismatic.projector import DecoderProjector, projector_init
+
+from conftest import TINY, tiny_vit
+
+LLM_DIM = 40
+
+
+def make_tiny_checkpoint(path, kind="clip", seed=0, width=24):
+    """A tiny aligned checkpoint with every parameter perturbed (so copies can be told apart)."""
+    name, kw = TINY[kind]
+    vit = tiny_vit(kind, seed)
+    enc = make_encoder(copy.deepcopy(vit), width)
+    dec = MaskEmbedDecoder(default_decoder_config(V.vit_spec(vit), V.vit_spec(enc), width=width))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in list(enc.parameters()) + list(dec.parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return save_aligned(path, enc, dec, model_name=name, softcap=30.0, timm_kwargs=kw)
+
+
+@pytest.fixture
+def no_registrations(monkeypatch):
+    monkeypatch.setattr(W, "_registered", {})
+    monkeypatch.delenv(W.ENV_ROOT, raising=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# DecoderProjector
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_projector_is_the_trained_decoder_with_a_zero_head(tmp_path, kind):
+    a = load_aligned(make_tiny_checkpoint(tmp_path / "ck", kind))
+    proj = DecoderProjector.from_init(projector_init(a), LLM_DIM)
+    # Stable keys = the paper fork's TransformerProjector keys.
+    top = {k.split(".")[0] for k in proj.state_dict()}
+    assert top == {"in_proj", "pos_embed", "blocks", "norm", "head"}
+    assert torch.equal(proj.in_proj.weight, a.encoder.head.weight) and torch.equal(proj.in_proj.bias, a.encoder.head.bias)
+    dec_sd = a.decoder.state_dict()
+    for k, v in proj.state_dict().items():
+        if not k.startswith(("in_proj", "head")):
+            assert torch.equal(v, dec_sd[k]), k
+    assert proj.head.weight.shape == (LLM_DIM, a.decoder.cfg.width)
+    assert not proj.head.weight.any() and not proj.head.bias.any()
+
+    s = a.spec
+    x = torch.randn(2, 3, s.img_size, s.img_size)
+    feats = a.encoder.forward_features(x)
+    out = proj(feats)
+    assert out.shape == (2, s.num_tokens, LLM_DIM)
+    assert not out.any()  # zero-initialised head: the LLM sees zeros at step 0
+    # Before the head it is exactly the MaskEmbed decoder on the encoder's output, no patch masked.
+    pre = proj.forward_features(proj.in_proj(feats))
+    ref = a.decoder.forward_features(a.encoder.head(feats))
+    torch.testing.assert_close(pre, ref, rtol=0, atol=0)
+    # Trainable: the zero head still receives a gradient.
+    proj(feats.detach()).sum().backward()
+    assert proj.head.weight.grad.abs().sum() > 0
+
+
+def test_projector_activation_override_and_state_round_trip(tmp_path):
+    a = load_aligned(make_tiny_checkpoint(tmp_path / "ck", "clip"))
+    assert a.decoder.cfg.act == "quick_gelu"
+    init = projector_init(a)
+    gelu = DecoderProjector.from_init(init, LLM_DIM, act="gelu")
+    assert type(gelu.blocks[0].mlp.act) is torch.nn.GELU
+    own = DecoderProjector.from_init(init, LLM_DIM)
+    assert "quickgelu" in type(own.blocks[0].mlp.act).__name__.lower()
+    # What a finished run saves, a fresh projector loads strictly (prismatic.load()'s contract).
+    with torch.no_grad():
+        own.head.weight.normal_()
+    fresh = DecoderProjector.from_init(init, LLM_DIM)
+    fresh.load_state_dict(own.state_dict())
+    feats = torch.randn(1, a.spec.num_tokens, a.spec.embed_dim)
+    assert torch.equal(fresh(feats), own(feats)) and fresh(feats).abs().sum() > 0
+
+
+def test_projector_rejects_a_mismatched_decoder(tmp_path):
+    init = projector_init(load_aligned(make_tiny_checkpoint(tmp_path / "ck", "clip")))
+    init.decoder_state = {k: v for k, v in init.decoder_state.items() if k != "pos_embed"}
+    with pytest.raises(ValueError, match="pos_embed"):
+        DecoderProjector.from_init(init, LLM_DIM)
+
+
+# ------------------------------------------------------------------------------------------------
+# Featurizer and transform
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,tokens", [("clip", 1 + 16), ("siglip", 4)])
+def test_featurizer_features_and_token_counts(tmp_path, kind, tokens):
+    ck = make_tiny_checkpoint(tmp_path / "ck", kind)
+    featurizer, init, cfg = F.load_featurizer(ck, image_size=TINY[kind][1]["img_size"])
+    ref = load_aligned(ck)
+    s = ref.spec
+    x = torch.randn(2, 3, s.img_size, s.img_size)
+    out = featurizer(x)  # __call__ -> forward_features (the FSDP-safe path)
+    assert out.shape == (2, tokens, 48)
+    torch.testing.assert_close(out, ref.encoder.forward_features(x))
+    assert not any(p.requires_grad for p in featurizer.parameters())
+    assert isinstance(featurizer.head, torch.nn.Identity)
+    assert torch.equal(init.in_proj["weight"], ref.encoder.head.weight)
+    assert cfg["encoder"]["num_tokens"] == tokens
+
+
+def test_featurizer_rejects_wrong_image_size(tmp_path):
+    ck = make_tiny_checkpoint(tmp_path / "ck", "clip")
+    with pytest.raises(CheckpointError, match="img_size is 32, but this backbone id expects 336"):
+        F.load_featurizer(ck, image_size=336)
+
+
+@pytest.mark.parametrize("strategy", ["resize-naive", "resize-crop", "letterbox"])
+def test_image_transform_strategies(strategy):
+    mean, std = (0.5, 0.25, 0.75), (0.5, 0.5, 0.25)
+    t = F.image_transform(16, mean, std, strategy)
+    assert isinstance(t, Compose)
+    img = Image.new("RGB", (40, 20), (255, 0, 128))
+    out = t(img)
+    assert out.shape == (3, 16, 16)
+    red = (1.0 - mean[0]) / std[0]
+    if strategy == "letterbox":
+        # top/bottom rows are the mean colour, i.e. ~0 after normalisation (int(mean*255) rounding)
+        assert out[:, 0, 8].abs().max() < 0.05 and abs(out[0, 8, 8] - red) < 1e-4
+    else:
+        assert torch.allclose(out[0], torch.full((16, 16), red), atol=1e-4)
+
+
+def test_image_transform_resize_crop_keeps_aspect():
+    t = F.image_transform(8, (0, 0, 0), (1, 1, 1), "resize-crop", interpolation="nearest")
+    img = Image.new("RGB", (32, 16), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 8, 16))  # white left quarter: cropped away by a centre crop
+    assert t(img).max() == 0
+    squash = F.image_transform(8, (0, 0, 0), (1, 1, 1), "resize-naive", interpolation="nearest")(img)
+    assert squash[:, :, :2].min() == 1
+
+
+def test_image_transform_rejects_unknown_strategy():
+    with pytest.raises(ValueError, match="'pad-corner' is not supported"):
+        F.image_transform(8, (0, 0, 0), (1, 1, 1), "pad-corner")
+
+
+# ------------------------------------------------------------------------------------------------
+# The real architectures (meta device: shapes only)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,tokens,dim,act", [
+    ("vit_large_patch14_clip_quickgelu_336", 577, 1024, "quick_gelu"),
+    ("vit_so400m_patch14_siglip_384", 729, 1152, None),
+])
+def test_real_token_counts_on_meta(name, tokens, dim, act, monkeypatch):
+    # Parameters go to the meta device as they are registered (timm 0.9.10 cannot be built under
+    # `torch.device("meta")`: it calls .item() on a tensor while building).
+    register = torch.nn.Module.register_parameter
+
+    def to_meta(self, pname, param):
+        if param is not None:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, pname, param)
+
+    monkeypatch.setattr(torch.nn.Module, "register_parameter", to_meta)
+    vit = timm.create_model(name, pretrained=False, num_classes=0)
+    spec = V.vit_spec(vit)
+    enc = make_encoder(vit, dim, attn_impl="math")
+    dec_cfg = default_decoder_config(spec, spec)
+    proj = DecoderProjector(dec_cfg, dim, 4096)
+    assert proj.head.weight.is_meta and enc.blocks[0].attn.qkv.weight.is_meta
+    feats = enc.forward_features(torch.empty(1, 3, spec.img_size, spec.img_size, device="meta"))
+    out = proj(feats)
+    assert (spec.num_tokens, spec.embed_dim) == (tokens, dim)
+    assert feats.shape == (1, tokens, dim) and out.shape == (1, tokens, 4096)
+    if act:
+        assert dec_cfg.act == act
+    assert proj.pos_embed.shape == (1, tokens, dim)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights resolution
+# ------------------------------------------------------------------------------------------------
+
+
+def test_resolve_from_env_root_and_alias(tmp_path, monkeypatch, no_registrations):
+    root = tmp_path / "root"
+    ck = make_tiny_checkpoint(root / "clip-l-336-aligned", "clip")
+    other = tmp_path / "empty"
+    other.mkdir()
+    monkeypatch.setenv(W.ENV_ROOT, os.pathsep.join([str(other), str(root)]))
+    monkeypatch.chdir(other)  # the working directory plays no part
+    assert W.resolve_checkpoint("clip-l-336-aligned") == ck
+    assert W.resolve_checkpoint("clip-vit-l-336px-aligned") == ck  # the fork's id finds the canonical dir
+
+
+def test_resolve_rejects_relative_root(monkeypatch, no_registrations):
+    monkeypatch.setenv(W.ENV_ROOT, "relative/ckpts")
+    with pytest.raises(ValueError, match="not an absolute path"):
+        W.resolve_checkpoint("clip-l-336-aligned")
+
+
+def test_resolve_registered_dir_wins(tmp_path, monkeypatch, no_registrations):
+    a = make_tiny_checkpoint(tmp_path / "root" / "siglip-so400m-384-aligned", "siglip", seed=1)
+    b = make_tiny_checkpoint(tmp_path / "mine", "siglip", seed=2)
+    monkeypatch.setenv(W.ENV_ROOT, str(tmp_path / "root"))
+    assert W.resolve_checkpoint("siglip-so400m-384-aligned") == a
+    W.register_checkpoint("siglip-so400m-384-aligned", b)
+    assert W.resolve_checkpoint("siglip-so400m-384-aligned") == b
+    W.unregister_checkpoint("siglip-so400m-384-aligned")
+    assert W.resolve_checkpoint("siglip-so400m-384-aligned") == a
+
+
+def test_resolve_missing_lists_where_it_looked(tmp_path, monkeypatch, no_registrations):
+    monkeypatch.setenv(W.ENV_ROOT, str(tmp_path))
+    W.register_checkpoint("clip-vit-l-336px-aligned", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError) as e:
+        W.resolve_checkpoint("clip-vit-l-336px-aligned")
+    msg = str(e.value)
+    assert "'clip-vit-l-336px-aligned'" in msg
+    assert str(tmp_path / "nowhere") in msg
+    assert str(tmp_path / "clip-vit-l-336px-aligned") in msg and str(tmp_path / "clip-l-336-aligned") in msg
+    assert W.ENV_ROOT in msg and "\n" not in msg
+
+
+def test_resolve_hub_id_from_offline_cache(tmp_path, monkeypatch, no_registrations):
+    """An ``hf://`` registration resolves from the HF cache with HF_HUB_OFFLINE=1 (cache layout written here)."""
+    import huggingface_hub.constants as C
+
+    cache = tmp_path / "hub"
+    repo_dir = cache / "models--acme--clip-l-336-aligned"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snap = make_tiny_checkpoint(repo_dir / "snapshots" / commit, "clip")
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    W.register_checkpoint("clip-l-336-aligned", "hf://acme/clip-l-336-aligned")
+    assert W.resolve_checkpoint("clip-l-336-aligned") == snap
+    W.register_checkpoint("clip-b-224-aligned", "hf://acme/not-cached")
+    with pytest.raises(FileNotFoundError, match="hf://acme/not-cached"):
+        W.resolve_checkpoint("clip-b-224-aligned")

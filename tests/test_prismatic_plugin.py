@@ -1,0 +1,266 @@
+"""The plugin inside real Prismatic: registration, backbone, get_vlm with the DecoderProjector, training
+step, save -> prismatic.load() round trip, model configs, the pretrain wrapper.
+
+Needs TRI-ML's Prismatic importable (skipped otherwise; see docs/prismatic.md for the stack). The LLM is
+a 2-layer Llama with a word-level tokenizer, both written by the test into tmp_path (no hub).
+"""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+prismatic = pytest.importorskip("prismatic.models.materialize", reason="TRI-ML Prismatic is not installed (see docs/prismatic.md)")
+
+import draccus  # noqa: E402
+import prismatic as prismatic_pkg  # noqa: E402
+import prismatic.models.backbones.llm.llama2 as llama2  # noqa: E402
+import prismatic.models.materialize as materialize  # noqa: E402
+from PIL import Image  # noqa: E402
+from prismatic.conf import ModelConfig  # noqa: E402
+from prismatic.models.vlms.prismatic import PrismaticVLM  # noqa: E402
+from torchvision.transforms import Compose  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast  # noqa: E402
+
+import prismatic_locality.prismatic as plugin  # noqa: E402
+from prismatic_locality.prismatic import weights as W  # noqa: E402
+from prismatic_locality.prismatic.backbone import AlignedViTBackbone  # noqa: E402
+from prismatic_locality.prismatic.projector import DecoderProjector  # noqa: E402
+from prismatic_locality.prismatic.registry import register  # noqa: E402
+
+from test_prismatic_modules import make_tiny_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.prismatic
+REPO = Path(__file__).resolve().parents[1]
+TINY_ID = "test-tiny-clip-aligned"
+TINY_LLM = "llama2-tiny-test-pure"  # "llama2-*-pure" selects Prismatic's PurePromptBuilder
+WORDS = ["True", "False", "Yes", "No", *[chr(ord("A") + i) for i in range(26)], "What", "is", "in", "the", "image", "?", "a", "cat"]
+
+
+def write_tiny_llama(path: Path) -> Path:
+    """A Llama checkpoint + Llama fast tokenizer on disk, in the layout `from_pretrained` reads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # A word-level vocabulary in Llama's tokenizer class, which prefixes BOS as Prismatic requires.
+    LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                       legacy=True).save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """A tiny aligned backbone id and a tiny offline Llama registered with Prismatic (undone afterwards)."""
+    monkeypatch.setattr(W, "_registered", {})
+    monkeypatch.delenv(W.ENV_ROOT, raising=False)
+    monkeypatch.setattr(materialize, "VISION_BACKBONES", dict(materialize.VISION_BACKBONES))
+    ck = make_tiny_checkpoint(tmp_path / "ckpts" / TINY_ID, "clip")
+    plugin.register_aligned_backbone(TINY_ID, 32, checkpoint=ck)
+    llm_dir = write_tiny_llama(tmp_path / "llm")
+    monkeypatch.setitem(llama2.LLAMA2_MODELS, TINY_LLM,
+                        {"llm_family": "llama2", "llm_cls": LlamaForCausalLM, "hf_hub_path": str(llm_dir)})
+    # No flash-attn on CPU; upstream's Llama default asks for it.
+    monkeypatch.setitem(materialize.LLM_BACKBONES, TINY_LLM,
+                        {"cls": llama2.LLaMa2LLMBackbone, "kwargs": {"use_flash_attention_2": False}})
+    return tmp_path
+
+
+def build_vlm(arch="no-align+decoder", backbone_id=TINY_ID):
+    vb, transform = materialize.get_vision_backbone_and_transform(backbone_id, "resize-naive")
+    llm, tok = materialize.get_llm_backbone_and_tokenizer(TINY_LLM, llm_max_length=64)
+    return materialize.get_vlm("aligned-decoder-tiny+test", arch, vb, llm), transform, tok
+
+
+def batch(transform, tok):
+    g = torch.Generator().manual_seed(0)
+    pix = torch.stack([transform(Image.fromarray((torch.rand(20, 30, 3, generator=g) * 255).byte().numpy()))
+                       for _ in range(2)])
+    ids = tok(["What is in the image ? a cat", "What is in the image ? A"], padding=True, return_tensors="pt")
+    labels = ids.input_ids.clone()
+    labels[:, :1] = -100  # Prismatic's contract: BOS is never a target
+    labels[ids.attention_mask == 0] = -100
+    return dict(input_ids=ids.input_ids, attention_mask=ids.attention_mask, pixel_values=pix, labels=labels)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_registration_is_idempotent_and_complete():
+    init_before = PrismaticVLM.__init__
+    register()
+    register()
+    assert PrismaticVLM.__init__ is init_before
+    for bid, size in W.all_backbone_ids().items():
+        entry = materialize.VISION_BACKBONES[bid]
+        assert entry["cls"] is AlignedViTBackbone and entry["kwargs"] == {"default_image_size": size}
+    assert {"clip-l-336-aligned", "siglip-so400m-384-aligned", "clip-b-224-aligned", "siglip-b-224-aligned",
+            "clip-vit-l-336px-aligned", "siglip-vit-so400m-384px-aligned"} <= set(materialize.VISION_BACKBONES)
+    assert materialize.VISION_BACKBONES["clip-vit-l-336px-aligned"]["kwargs"]["default_image_size"] == 336
+    assert set(plugin.MODEL_CONFIGS) <= set(ModelConfig.get_known_choices())
+    # Stock projectors are untouched: the patch only claims its own arch specifiers.
+    assert not any(a.endswith(("gelu-mlp", "linear")) for a in plugin.registry.DECODER_ARCHS)
+
+
+def test_model_configs_share_one_recipe():
+    @dataclass
+    class Cfg:
+        model: ModelConfig = field(default_factory=ModelConfig.get_choice_class("aligned-decoder-clip-l-336+7b"))
+
+    cfg = draccus.parse(Cfg, args=["--model.type", "aligned-decoder-siglip-so400m-384+7b"])
+    m = cfg.model
+    assert (m.vision_backbone_id, m.arch_specifier) == ("siglip-so400m-384-aligned", "no-align+decoder")
+    assert (m.llm_backbone_id, m.image_resize_strategy, m.finetune_epochs) == ("llama2-7b-pure", "resize-naive", 2)
+    assert draccus.encode(cfg)["model"]["type"] == "aligned-decoder-siglip-so400m-384+7b"
+
+    def recipe(cls):
+        d = dataclasses.asdict(cls())
+        return json.dumps({k: v for k, v in d.items() if k not in ("model_id", "vision_backbone_id", "arch_specifier")})
+
+    configs = plugin.MODEL_CONFIGS
+    assert len(configs) == 14 and {recipe(c) for c in configs.values()} == {recipe(configs["baseline-clip-l-336+7b"])}
+    assert configs["baseline-dinosiglip-so400m-384+7b"]().vision_backbone_id == "dinosiglip-vit-so-384px"
+    assert configs["baseline-dinoclip-l-336+7b"]().arch_specifier == "no-align+fused-gelu-mlp"
+    assert configs["aligned-mlp-clip-l-336+7b"]().arch_specifier == "no-align+gelu-mlp"
+    assert configs["baseline-clip-l-336+7b"]().vision_backbone_id == "clip-vit-l-336px"
+
+
+def test_vision_backbone_and_transform(env):
+    vb, transform = materialize.get_vision_backbone_and_transform(TINY_ID, "letterbox")
+    assert isinstance(vb, AlignedViTBackbone) and isinstance(transform, Compose)
+    assert vb.default_image_resolution == (3, 32, 32)
+    assert (vb.embed_dim, vb.num_patches, vb.num_prefix_tokens, vb.num_heads) == (48, 16, 1, 3)
+    assert vb.half_precision_dtype == torch.bfloat16
+    x = transform(Image.new("RGB", (50, 20), (10, 200, 30))).unsqueeze(0)
+    assert x.shape == (1, 3, 32, 32)
+    from prismatic_locality.checkpoint import load_aligned
+
+    ref = load_aligned(env / "ckpts" / TINY_ID)
+    torch.testing.assert_close(vb(x), ref.encoder.forward_features(x))
+    # Frozen backbone cast to bf16 (as FSDP setup does) still runs; the projector init is not cast.
+    vb.to(dtype=vb.half_precision_dtype)
+    assert vb(x.bfloat16()).dtype == torch.bfloat16
+    assert vb.projector_init.in_proj["weight"].dtype == torch.float32
+    # The state dict holds the featurizer only (no decoder, no encoder head).
+    assert all(k.startswith("featurizer.") and ".head." not in k for k in vb.state_dict())
+
+
+def test_real_ids_resolve_from_env_root_and_check_size(env, monkeypatch):
+    root = env / "ckpts"
+    make_tiny_checkpoint(root / "clip-l-336-aligned", "clip")
+    monkeypatch.setenv(W.ENV_ROOT, str(root))
+    with pytest.raises(ValueError, match="img_size is 32, but this backbone id expects 336"):
+        materialize.get_vision_backbone_and_transform("clip-vit-l-336px-aligned", "resize-naive")
+    monkeypatch.delenv(W.ENV_ROOT)
+    with pytest.raises(FileNotFoundError, match="'siglip-so400m-384-aligned'.*PRISMATIC_LOCALITY_CKPT_ROOT"):
+        materialize.get_vision_backbone_and_transform("siglip-so400m-384-aligned", "resize-naive")
+
+
+def test_get_vlm_train_step_save_and_load_round_trip(env):
+    vlm, transform, tok = build_vlm()
+    assert isinstance(vlm.projector, DecoderProjector) and vlm.arch_specifier == "no-align+decoder"
+    assert type(vlm.projector.blocks[0].mlp.act).__name__ == "QuickGELU"  # the checkpoint's own activation
+    assert torch.equal(vlm.projector.in_proj.weight, vlm.vision_backbone.projector_init.in_proj["weight"])
+    vlm.freeze_backbones("finetune")
+    vlm.load_from_checkpoint("finetune", env / "runs" / "x+y+stage-finetune+x7")  # no-align: needs nothing
+
+    # The FSDP policy (applied by Prismatic to every module) covers the ViT, its blocks and the projector.
+    policy = vlm.get_fsdp_wrapping_policy()
+    wraps = lambda m: policy(module=m, recurse=False, nonwrapped_numel=10**9)  # noqa: E731
+    assert wraps(vlm.projector) and wraps(vlm.projector.blocks[0]) and wraps(vlm.vision_backbone.featurizer)
+    assert wraps(vlm.vision_backbone.featurizer.blocks[0]) and wraps(vlm.llm_backbone.llm.model.layers[0])
+
+    b = batch(transform, tok)
+    vlm.train()
+    out = vlm(**b)
+    n_vis = vlm.vision_backbone.num_tokens
+    assert n_vis == 17 and out.logits.shape[1] == b["input_ids"].shape[1] + n_vis  # every token reaches the LLM
+    out.loss.backward()
+    assert vlm.projector.head.weight.grad.abs().sum() > 0  # zero head, non-zero gradient
+    assert vlm.llm_backbone.llm.model.layers[0].mlp.up_proj.weight.grad is not None
+    assert all(p.grad is None for p in vlm.vision_backbone.parameters())
+    opt = torch.optim.SGD([p for p in vlm.parameters() if p.requires_grad], lr=0.5)
+    opt.step()
+    assert vlm.projector.head.weight.abs().sum() > 0
+
+    # Save as FSDPStrategy.save_checkpoint does (trainable modules only) and as pretrain.py writes config.json.
+    run = env / "runs" / "aligned-decoder-tiny+test+stage-finetune+x7"
+    (run / "checkpoints").mkdir(parents=True)
+    model_cfg = dataclasses.replace(plugin.MODEL_CONFIGS["aligned-decoder-clip-l-336+7b"](), vision_backbone_id=TINY_ID,
+                                    llm_backbone_id=TINY_LLM, llm_max_length=64)
+    (run / "config.json").write_text(json.dumps({"model": draccus.encode(model_cfg)}))
+    torch.save({"model": {"projector": vlm.projector.state_dict(), "llm_backbone": vlm.llm_backbone.state_dict()}},
+               run / "checkpoints" / "latest-checkpoint.pt")
+
+    loaded = prismatic_pkg.load(run)
+    assert isinstance(loaded.projector, DecoderProjector) and loaded.arch_specifier == "no-align+decoder"
+    vlm.eval()
+    with torch.no_grad():
+        ref = vlm(**b).logits
+        got = loaded(**b).logits
+    torch.testing.assert_close(got, ref)
+    assert loaded.projector.head.weight.abs().sum() > 0
+
+
+def test_fork_arch_specifier_reloads_with_gelu(env):
+    vlm, _, _ = build_vlm(arch="no-align+pretrained-decoder")
+    assert vlm.arch_specifier == "no-align+pretrained-decoder"
+    assert type(vlm.projector.blocks[0].mlp.act) is torch.nn.GELU
+    assert {k.split(".")[0] for k in vlm.projector.state_dict()} == {"in_proj", "pos_embed", "blocks", "norm", "head"}
+
+
+def test_decoder_arch_needs_an_aligned_backbone(env):
+    class Stock:
+        identifier = "clip-vit-l-336px"
+
+    llm, _ = materialize.get_llm_backbone_and_tokenizer(TINY_LLM, llm_max_length=64)
+    with pytest.raises(ValueError, match="needs an aligned vision backbone.*got 'clip-vit-l-336px'"):
+        materialize.get_vlm("m", "no-align+decoder", Stock(), llm)
+
+
+@pytest.mark.slow
+def test_pretrain_wrapper_imports_plugin_then_runs_upstream_script(tmp_path):
+    """scripts/pretrain.py in a fresh process: plugin registered before the upstream script runs as __main__."""
+    fake = tmp_path / "pretrain.py"
+    report = tmp_path / "report.json"
+    fake.write_text(
+        "import json, sys\n"
+        "import prismatic.models.materialize as m\n"
+        "from prismatic.conf import ModelConfig\n"
+        f"json.dump({{'name': __name__, 'argv': sys.argv, 'backbone': 'clip-l-336-aligned' in m.VISION_BACKBONES,"
+        f" 'config': 'aligned-decoder-clip-l-336+7b' in ModelConfig.get_known_choices()}}, open({str(report)!r}, 'w'))\n"
+    )
+    env = dict(os.environ, PRISMATIC_PRETRAIN_SCRIPT=str(fake), HF_HUB_OFFLINE="1")
+    args = ["--model.type", "aligned-decoder-clip-l-336+7b", "--stage", "finetune"]
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "pretrain.py"), *args], env=env, capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(report.read_text())
+    assert got == {"name": "__main__", "argv": [str(fake), *args], "backbone": True, "config": True}
+
+
+def test_pretrain_wrapper_names_the_missing_script(tmp_path, monkeypatch):
+    import runpy
+
+    wrapper = runpy.run_path(str(REPO / "scripts" / "pretrain.py"), run_name="not_main")
+    monkeypatch.setenv("PRISMATIC_PRETRAIN_SCRIPT", str(tmp_path / "missing.py"))
+    with pytest.raises(SystemExit, match="missing.py.*PRISMATIC_PRETRAIN_SCRIPT"):
+        wrapper["upstream_script"]()
+    monkeypatch.delenv("PRISMATIC_PRETRAIN_SCRIPT")
+    found = Path(prismatic_pkg.__file__).resolve().parents[1] / "scripts" / "pretrain.py"
+    if found.is_file():  # editable install: the checkout's script
+        assert wrapper["upstream_script"]() == found
+    else:
+        with pytest.raises(SystemExit, match=str(found)):
+            wrapper["upstream_script"]()
