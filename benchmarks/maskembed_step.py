@@ -31,8 +31,8 @@ import torch
 
 from prismatic_locality import vit as V
 from prismatic_locality.decoder import MaskEmbedDecoder
-from prismatic_locality.maskembed import (MaskEmbed, Teacher, default_decoder_config, make_encoder,
-                                          train_flops_per_image)
+from prismatic_locality.maskembed import (MaskEmbed, Teacher, default_decoder_config,
+                                          make_encoder, peak_tflops, train_flops_per_image)
 from prismatic_locality.masks import UniformMaskSampler, step_generator
 
 MODELS = {
@@ -42,7 +42,6 @@ MODELS = {
     "clip-l-336": ("vit_large_patch14_clip_quickgelu_336", {}),
     "so400m-384": ("vit_so400m_patch14_siglip_384", {}),
 }
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def build(model: str, path: str, device: torch.device, compile_: bool, grad_ckpt: bool):
@@ -151,7 +150,7 @@ def main(argv=None):
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = args.peak_tflops or peak_tflops(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

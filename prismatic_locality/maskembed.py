@@ -233,3 +233,14 @@ def train_flops_per_image(teacher: V.ViTSpec, encoder: V.ViTSpec, decoder: Decod
     dec += 2 * T * decoder.width * decoder.out_dim
     parts = {"encoder": 3 * enc, "teacher": K * tea, "decoder": 3 * K * dec}
     return {**parts, "total": sum(parts.values())}
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, per GPU
+
+
+def peak_tflops(device: torch.device) -> Optional[float]:
+    """Nominal dense bf16 peak of a known GPU (for MFU); None on CPU or unknown hardware."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)

@@ -37,7 +37,8 @@ from .. import vit as V
 from ..checkpoint import CheckpointError, save_aligned
 from ..data import RKRC, EvalTransform, GlobalBatchOrder, SeededImages, collate, open_source
 from ..decoder import MaskEmbedDecoder
-from ..maskembed import MaskEmbed, Teacher, default_decoder_config, estimate_target_scale, make_encoder
+from ..maskembed import (MaskEmbed, Teacher, default_decoder_config, estimate_target_scale, make_encoder, peak_tflops,
+                         train_flops_per_image)
 from ..masks import build_mask_sampler, step_generator
 from . import distributed as D
 from .config import AlignConfig, parse_config, to_dict, validate
@@ -325,6 +326,10 @@ def _train(cfg: AlignConfig, info: D.DistInfo) -> Path:
         forward = torch.compile(forward)
         object.__setattr__(model, "teacher", torch.compile(teacher))
     params = [p for p in model.parameters() if p.requires_grad]
+    # analytic cost of one image, for achieved TFLOP/s and MFU in the log line (nanoGPT-style)
+    flops_per_image = train_flops_per_image(teacher.spec, V.vit_spec(model.encoder), model.decoder.cfg,
+                                            sampler.masks_per_image, teacher.num_blocks)["total"]
+    peak = peak_tflops(device)
 
     def state_info(last_loss, val_loss) -> dict:
         return {"step": step, "epoch": step / order.steps_per_epoch, "total_steps": total_steps,
@@ -385,10 +390,13 @@ def _train(cfg: AlignConfig, info: D.DistInfo) -> Path:
         if step % cfg.log_every == 0 or step == total_steps:
             elapsed = max(time.time() - window_t, 1e-9)
             rate = window_steps * cfg.global_batch / elapsed
+            tflops = rate * flops_per_image / info.world_size / 1e12  # per process
             rec = {"step": step, "epoch": round(step / order.steps_per_epoch, 4), "loss": window_loss / window_steps,
-                   "lr": lr, "grad_norm": gn, "img_per_s": rate, "skipped_images": skipped_total}
+                   "lr": lr, "grad_norm": gn, "img_per_s": rate, "tflops_per_proc": tflops,
+                   "mfu": tflops / peak if peak else None, "skipped_images": skipped_total}
             metrics.write(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}", skipped=skipped_total)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}",
+                            **({"mfu": f"{100 * rec['mfu']:.1f}%"} if peak else {}), skipped=skipped_total)
             window_t, window_steps, window_loss = time.time(), 0, 0.0
 
         end_of_epoch = step % order.steps_per_epoch == 0
