@@ -1,0 +1,208 @@
+"""On-disk cache of frozen features and probing targets.
+
+The reference recomputes the frozen backbone at every step of every epoch; features are
+deterministic (no augmentation), so we compute them once and memory-map them afterwards. Later
+epochs, other heads and the local/global runs all reuse the same files.
+
+Two caches under `cache_dir`, each a directory ``<kind>-<key>/`` with ``.npy`` arrays and a
+``meta.json`` written last:
+
+- ``labels-<key>``:   patch targets (N, P*P, ceil(C/8)) uint8 bit-packed, image targets
+                      (N, ceil(C/8)), class pixel fractions (N, C) float32.
+                      key = dataset fingerprint (kind, root, split, every file's name/size/mtime)
+                      + resolution + patch size + number of classes. Shared by all backbones.
+- ``features-<key>``: (N, T, D) float16. key = backbone fingerprint (weights, architecture,
+                      soft-caps) + dataset fingerprint + resolution + mean/std + compute precision.
+
+A cache is built in a hidden temp directory and renamed into place only when complete, so a
+killed extraction never leaves a directory that is taken as a valid cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..checkpoint import write_json
+from .backbone import Backbone
+from .datasets import ProbeDataset
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = "probe-cache-v1"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "prismatic-locality" / "probe"
+
+
+@dataclass
+class ProbeSplit:
+    """One split's cached arrays (memory-mapped, read-only) and its dataset."""
+
+    features: np.ndarray       # (N, T, D) float16
+    patch: np.ndarray          # (N, P*P, ceil(C/8)) uint8, bit-packed local targets
+    image: np.ndarray          # (N, ceil(C/8)) uint8, bit-packed global targets
+    fractions: np.ndarray      # (N, C) float32, pixel fraction of each class (object size)
+    dataset: ProbeDataset
+    features_dir: Path
+    labels_dir: Path
+    features_cached: bool      # True if the features came from an existing cache
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+def _key(*parts) -> str:
+    return hashlib.blake2b("|".join(map(str, (CACHE_VERSION, *parts))).encode(), digest_size=12).hexdigest()
+
+
+def labels_key(ds: ProbeDataset) -> str:
+    return _key("labels", ds.fingerprint(), ds.size, ds.patch_size, ds.num_classes)
+
+
+def features_key(backbone: Backbone, ds: ProbeDataset, precision: str) -> str:
+    s = backbone.spec
+    return _key("features", backbone.fingerprint(), ds.fingerprint(), s.img_size, s.mean, s.std, precision)
+
+
+def _complete(d: Path) -> bool:
+    return (d / "meta.json").is_file()
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a finished temp dir into place; if another process won the race, keep theirs."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not _complete(final):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _precision(device: torch.device, precision: str) -> str:
+    if precision == "auto":  # bf16 autocast on GPU, as the reference; exact fp32 on CPU
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"extract precision must be auto | fp32 | bf16, got {precision!r}")
+    return precision
+
+
+def build_split(ds: ProbeDataset, backbone: Backbone, cache_dir: str | os.PathLike | None = None, *,
+                batch_size: int = 64, num_workers: int = 0, device: str | torch.device = "cpu",
+                precision: str = "auto", desc: str = "") -> ProbeSplit:
+    """Return the split's cached features and targets, extracting whatever is missing in one pass."""
+    device = torch.device(device)
+    precision = _precision(device, precision)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    s = backbone.spec
+    if (ds.size, ds.patch_size) != (s.img_size, s.patch_size):
+        raise ValueError(f"dataset prepared for {ds.size}px/{ds.patch_size}px patches, backbone is {s.img_size}/{s.patch_size}")
+    lab_dir = cache_dir / f"labels-{labels_key(ds)}"
+    feat_dir = cache_dir / f"features-{features_key(backbone, ds, precision)}"
+    need_labels, need_features = not _complete(lab_dir), not _complete(feat_dir)
+    if need_labels or need_features:
+        _extract(ds, backbone if need_features else None, lab_dir if need_labels else None,
+                 feat_dir if need_features else None, batch_size, num_workers, device, precision, desc)
+    else:
+        log.info("%s: reusing cached features %s", desc or ds.spec.split, feat_dir)
+    feats = np.load(feat_dir / "features.npy", mmap_mode="r")
+    patch = np.load(lab_dir / "patch.npy", mmap_mode="r")
+    image = np.load(lab_dir / "image.npy", mmap_mode="r")
+    fractions = np.load(lab_dir / "fractions.npy", mmap_mode="r")
+    n = len(ds)
+    if not (feats.shape[0] == patch.shape[0] == n and feats.shape[1:] == (s.num_tokens, s.embed_dim)
+            and patch.shape[1] == s.num_patches):
+        raise ValueError(f"cache {feat_dir} / {lab_dir} does not match the dataset ({n} images) "
+                         f"and backbone ({s.num_tokens} tokens x {s.embed_dim}); delete it and rerun")
+    return ProbeSplit(feats, patch, image, fractions, ds, feat_dir, lab_dir, not need_features)
+
+
+def _extract(ds: ProbeDataset, backbone: Optional[Backbone], lab_dir: Optional[Path], feat_dir: Optional[Path],
+             batch_size: int, num_workers: int, device: torch.device, precision: str, desc: str) -> None:
+    n, s, C = len(ds), ds.size, ds.num_classes
+    nb = (C + 7) // 8
+    ds.with_images = backbone is not None
+    ds.with_labels = lab_dir is not None
+    tmps: list[tuple[Path, Path]] = []
+
+    def tmpdir(final: Path) -> Path:
+        t = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmps.append((t, final))
+        return t
+
+    try:
+        if lab_dir is not None:
+            t = tmpdir(lab_dir)
+            grid = ds.size // ds.patch_size
+            patch = np.lib.format.open_memmap(t / "patch.npy", "w+", np.uint8, (n, grid * grid, nb))
+            image = np.lib.format.open_memmap(t / "image.npy", "w+", np.uint8, (n, nb))
+            fractions = np.lib.format.open_memmap(t / "fractions.npy", "w+", np.float32, (n, C))
+        if backbone is not None:
+            t = tmpdir(feat_dir)
+            sp = backbone.spec
+            feats = np.lib.format.open_memmap(t / "features.npy", "w+", np.float16, (n, sp.num_tokens, sp.embed_dim))
+            backbone.model.to(device)
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=device.type == "cuda")
+        what = " + ".join(w for w, on in (("features", backbone is not None), ("labels", lab_dir is not None)) if on)
+        start = time.perf_counter()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+        with tqdm(total=n, desc=f"{desc or ds.spec.split}: {what}", unit="img", dynamic_ncols=True) as bar:
+            for batch in loader:
+                idx = batch["index"].numpy()
+                lo, hi = int(idx[0]), int(idx[-1]) + 1
+                if lab_dir is not None:
+                    patch[lo:hi] = batch["patch"].numpy()
+                    image[lo:hi] = batch["image_labels"].numpy()
+                    fractions[lo:hi] = batch["fractions"].numpy()
+                if backbone is not None:
+                    x = backbone.normalize(batch["image"].to(device, non_blocking=True))
+                    with autocast:
+                        f = backbone.features(x)
+                    feats[lo:hi] = f.to(torch.float16).cpu().numpy()
+                bar.update(hi - lo)
+        seconds = time.perf_counter() - start
+        meta = {"version": CACHE_VERSION, "dataset": ds.spec.name, "split": ds.spec.split, "root": str(ds.spec.image_dir),
+                "num_images": n, "img_size": s, "patch_size": ds.patch_size, "num_classes": C,
+                "seconds": round(seconds, 3)}
+        if lab_dir is not None:
+            patch.flush(); image.flush(); fractions.flush()
+            del patch, image, fractions
+            write_json(tmps[0][0] / "meta.json", meta)
+        if backbone is not None:
+            feats.flush()
+            del feats
+            write_json(tmps[-1][0] / "meta.json", {**meta, "backbone": backbone.describe(), "precision": precision,
+                                                   "images_per_s": round(n / max(seconds, 1e-9), 2)})
+        for t, final in tmps:
+            _publish(t, final)
+    except BaseException:
+        for t, _ in tmps:
+            shutil.rmtree(t, ignore_errors=True)
+        raise
+    finally:
+        ds.with_images = ds.with_labels = True
+
+
+def read_meta(d: Path) -> dict:
+    return json.loads((Path(d) / "meta.json").read_text())

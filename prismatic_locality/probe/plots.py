@@ -1,0 +1,106 @@
+"""Figures people look at: recall by object size (paper Fig. 8), qualitative predictions (Fig. 3),
+and runs side by side. Matplotlib with the Agg backend; files written atomically."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def plot_size_recall(series: dict[str, list[dict]], path: str | os.PathLike, title: str = "") -> Path:
+    """One line per series (e.g. run name or task) of macro recall against object-size bin."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    labels = None
+    for name, bins in series.items():
+        if not bins:
+            continue
+        y = [b["macro_recall"] if b["macro_recall"] is not None else math.nan for b in bins]
+        ax.plot(range(1, len(bins) + 1), y, marker="o", label=name)
+        labels = [f"{100 * b['size_lo']:.2g}-{100 * b['size_hi']:.2g}%" for b in bins]
+    if labels:
+        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_xlabel("object size (% of image pixels; quantile bins)")
+    ax.set_ylabel("macro recall")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "recall by object size")
+    return save_figure(fig, path)
+
+
+def plot_qualitative(images: Sequence[np.ndarray], truth: Sequence[np.ndarray], pred: Sequence[np.ndarray],
+                     classes: Sequence[Sequence[int]], class_names: Sequence[str], path: str | os.PathLike,
+                     title: str = "") -> Path:
+    """Rows = images; columns = image | (ground-truth patches, predicted patches) per shown class.
+
+    images: (S, S, 3) uint8; truth/pred: (P, P, C) bool patch labels; classes: class ids per row.
+    """
+    ncls = max((len(c) for c in classes), default=0)
+    rows, cols = len(images), 1 + 2 * ncls
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows), squeeze=False)
+    for r, (img, t, p, cs) in enumerate(zip(images, truth, pred, classes)):
+        S, P = img.shape[0], t.shape[0]
+        edge = P * (S // P) - 0.5  # the patch grid covers the trimmed image (pixel centres at integers)
+        extent = (-0.5, edge, edge, -0.5)
+        axes[r, 0].imshow(img)
+        axes[r, 0].set_title("image", fontsize=8)
+        for k in range(ncls):
+            for j, (m, what, color) in enumerate(((t, "true", (1, 0.2, 0.2)), (p, "pred", (0.2, 0.5, 1)))):
+                ax = axes[r, 1 + 2 * k + j]
+                ax.imshow(img)
+                if k < len(cs):
+                    overlay = np.zeros((P, P, 4))
+                    overlay[..., :3] = color
+                    overlay[..., 3] = 0.6 * m[:, :, cs[k]]
+                    ax.imshow(overlay, extent=extent, interpolation="nearest")
+                    ax.set_xlim(-0.5, S - 0.5), ax.set_ylim(S - 0.5, -0.5)
+                    ax.set_title(f"{class_names[cs[k]]} ({what})", fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_compare(names: Sequence[str], local: Sequence[float | None], global_: Sequence[float | None],
+                 path: str | os.PathLike, title: str = "") -> Path:
+    """Grouped bars: local and global macro recall per run."""
+    x = np.arange(len(names))
+    w = 0.38
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(names) + 1.5), 3.6))
+    for off, vals, lab in ((-w / 2, local, "local"), (w / 2, global_, "global")):
+        v = [math.nan if a is None else 100 * a for a in vals]
+        bars = ax.bar(x + off, v, w, label=lab)
+        for b, val in zip(bars, v):
+            if not math.isnan(val):
+                ax.annotate(f"{val:.1f}", (b.get_x() + b.get_width() / 2, val), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("macro recall (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "probing: local and global macro recall")
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
