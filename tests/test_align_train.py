@@ -41,7 +41,8 @@ def tiny_cfg(tmp_path, *extra):
         "--recipe", "demo", "--data.root", str(tmp_path / "data"), "--output_dir", str(tmp_path / "runs"),
         "--teacher.timm_kwargs", TINY, "--global_batch", "8", "--micro_batch", "4", "--max_steps", "6",
         "--data.val_batch_size", "4", "--log_every", "1", "--save_every", "2", "--optim.lr", "1e-3",
-        "--data.augment", "rkrc", *extra,
+        "--data.augment", "rkrc", "--teacher.target", "penultimate",
+        "--data.train_split", "train", "--data.val_split", "val", *extra,
     ])
 
 
