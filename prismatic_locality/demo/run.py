@@ -1,0 +1,261 @@
+"""`locality demo`: the paper's claim in miniature, end to end on a CPU, nothing downloaded.
+
+    locality demo                 # ≈ 10 min on 2 CPU cores; report in runs/demo/report.md
+    locality demo --seed 1        # another seed (scenes, alignment masks/order, probe heads)
+    locality demo --quick         # < 90 s smoke run through every stage (numbers meaningless)
+
+Stages, each the product's own code path:
+1. scenes   digit scenes in the probe benchmark's "demo" layout      (demo/scenes.py)
+2. teacher  the shipped image-level-label ViT (or `--train-teacher`)  (demo/teacher.py)
+3. align    MaskEmbed with the trainer's `demo` recipe                (align.train)
+4. probe    local + global probes of teacher and aligned model        (probe.features / probe.train)
+5. report   report.md, results.json, recall.png, qualitative.png     (demo/report.py)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import vit as V
+from ..checkpoint import read_config
+from . import report as R
+from . import scenes as S
+from . import teacher as T
+
+log = logging.getLogger("prismatic_locality.demo")
+
+# The two targets of issue C, in macro-recall points.
+TARGET_LOCAL_GAIN = 2.0
+TARGET_GLOBAL_DROP = 1.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much of everything a run uses (the full demo vs the smoke-test `--quick`)."""
+
+    n_train: int            # train scenes: MaskEmbed's images
+    n_val: int              # val scenes (unseen digit instances): probe evaluation, target scale
+    align_steps: Optional[int]   # None = the recipe's own
+    probe_train: int        # the first `probe_train` train scenes train the probe heads
+    probe_epochs: dict      # per task: the local probe needs longer to leave the all-background plateau
+    probe_batch: int
+    probe_warmup: int
+    probe_lr: float
+    figure_rows: int = 4
+    teacher_steps: int = 0  # only with --train-teacher (0 = TeacherConfig's default)
+
+
+FULL = Sizes(n_train=8000, n_val=1000, align_steps=None, probe_train=3000, probe_epochs={"local": 10, "global": 4},
+             probe_batch=32, probe_warmup=50, probe_lr=2e-3)
+QUICK = Sizes(n_train=256, n_val=128, align_steps=3, probe_train=256, probe_epochs={"local": 1, "global": 1},
+              probe_batch=32, probe_warmup=2, probe_lr=2e-3,
+              figure_rows=2, teacher_steps=5)
+
+
+class Stage:
+    """Prints a numbered stage header and records its wall time."""
+
+    def __init__(self, timing: dict, key: str, index: int, total: int, what: str):
+        self.timing, self.key, self.head = timing, key, f"[{index}/{total}] {what}"
+
+    def __enter__(self):
+        print(self.head, flush=True)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.timing[self.key] = round(time.perf_counter() - self.t0, 1)
+        if exc[0] is None:
+            print(f"      done in {self.timing[self.key]:.0f} s", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+
+def obtain_teacher(args, sizes: Sizes, out: Path, val: S.Scenes) -> tuple[Path, torch.nn.Module, dict]:
+    """The teacher's weights file, its ViT with the digit classifier, and facts for the report."""
+    if args.train_teacher:
+        cfg = T.TeacherConfig(seed=args.seed)
+        if sizes.teacher_steps:
+            cfg.steps, cfg.num_scenes, cfg.warmup = sizes.teacher_steps, sizes.n_train, 1
+        vit, summary = T.train_teacher(cfg)
+        path = T.save_teacher(out / "teacher.safetensors", vit, cfg, summary)
+        source = f"trained in this run ({cfg.steps} steps, seed {cfg.seed})"
+    else:
+        path = Path(args.teacher)
+        cfg, summary = T.read_teacher_config(path)
+        source = f"loaded from `{path.name}` (trained once by `python -m prismatic_locality.demo.teacher`)"
+    vit, cfg = T.load_teacher(path, num_classes=10)
+    spec = V.vit_spec(vit)
+    x, y = S.to_tensor(val.images, spec.mean, spec.std), T.digit_targets(val.labels)
+    info = {
+        "source": source, "path": str(path), "arch": T.ARCH,
+        "shape": f"{cfg.img_size} px, patch {cfg.patch_size}, width {cfg.embed_dim}, depth {cfg.depth}",
+        "params": V.count_params(vit), "config": asdict(cfg),
+        "own_head_global_recall": T.evaluate(vit, x, y),
+        "own_head_global_recall_masked": T.evaluate(vit, x, y, mask_seed=0),
+    }
+    vit.reset_classifier(0)
+    return path, vit.eval(), info
+
+
+def align(args, sizes: Sizes, out: Path, scenes_root: Path, teacher_path: Path,
+          overrides: Optional[dict] = None, run_name: str = "align") -> tuple[Path, dict]:
+    """MaskEmbed with the trainer's `demo` recipe, pointed at this run's scenes and teacher.
+
+    `overrides` maps dotted config fields to values (experiments on top of the recipe)."""
+    from ..align.config import _set, get_recipe
+    from ..align.train import train
+
+    cfg = get_recipe("demo")
+    for key, value in (overrides or {}).items():
+        _set(cfg, key, value)
+    cfg.teacher.weights = str(teacher_path)
+    cfg.data.root = str(scenes_root)
+    cfg.seed = args.seed
+    cfg.output_dir, cfg.run_name, cfg.resume = str(out), run_name, "never"
+    cfg.device = "cpu"
+    if sizes.align_steps is not None:
+        cfg.max_steps = sizes.align_steps
+        cfg.save_every = sizes.align_steps
+    ckpt = train(cfg)
+    training = read_config(ckpt).get("training", {})
+    return ckpt, {"checkpoint": str(ckpt), "steps": cfg.max_steps, "batch": cfg.global_batch,
+                  "lr": cfg.optim.lr, "last_loss": training.get("last_loss"), "val_loss": training.get("val_loss")}
+
+
+def probe_both(args, sizes: Sizes, scenes_root: Path, backbones: dict, out: Path) -> tuple[dict, dict, dict]:
+    """Local and global probes for each backbone with the benchmark's code; same settings for all."""
+    from ..probe.backbone import Backbone  # noqa: F401  (the type of `backbones` values)
+    from ..probe.datasets import ProbeDataset
+    from ..probe.features import build_split
+    from ..probe.train import HeadConfig, OptimConfig, fit_probe, predict
+
+    recall, curves, preds = {}, {}, {}
+    for name, backbone in backbones.items():
+        spec = backbone.spec
+        limits = {"train": sizes.probe_train, "val": None}
+        splits = {split: build_split(ProbeDataset("demo", scenes_root, split, spec.img_size, spec.patch_size,
+                                                  limit=limits[split]),
+                                     backbone, out / "cache", batch_size=256, num_workers=0,
+                                     device=torch.device("cpu"), precision="fp32", desc=f"{name} {split}")
+                  for split in S.SPLITS}
+        recall[name], curves[name] = {}, {}
+        for task in R.TASKS:
+            optim = OptimConfig(lr=sizes.probe_lr, epochs=sizes.probe_epochs[task], batch_size=sizes.probe_batch,
+                                warmup_steps=sizes.probe_warmup)
+            r, head = fit_probe(splits["train"], splits["val"], task, spec.num_heads, HeadConfig(), optim,
+                                args.seed, torch.device("cpu"), desc=f"{name} ")
+            recall[name][task] = float(r["macro_recall"])
+            curves[name][task] = [float(e["macro_recall"]) if isinstance(e, dict) else float(e) for e in r["epochs"]]
+            if task == "local":
+                x = torch.from_numpy(np.array(splits["val"].features[: sizes.figure_rows], dtype=np.float32))
+                with torch.no_grad():
+                    preds[name] = predict(head.eval(), x).numpy().astype(bool)
+    return recall, curves, preds
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="locality demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0, help="scenes, MaskEmbed order/masks and probe heads (default 0)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: exercises every stage in < 90 s")
+    p.add_argument("--out", default="runs/demo", help="report directory (default runs/demo)")
+    p.add_argument("--teacher", default=str(T.SHIPPED_TEACHER), help="teacher .safetensors (default: shipped)")
+    p.add_argument("--train-teacher", action="store_true", help="train the teacher here instead of loading it")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    return p.parse_args(argv)
+
+
+def run(args) -> dict:
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    sizes = QUICK if args.quick else FULL
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timing: dict = {}
+    n = 5
+    cmd = "locality demo" + (f" --seed {args.seed}" if args.seed else "") + (" --quick" if args.quick else "")
+
+    with Stage(timing, "scenes", 1, n, f"digit scenes: {sizes.n_train} train / {sizes.n_val} val"):
+        scenes_root = out / "scenes"
+        scenes = S.build_dataset(scenes_root, sizes.n_train, sizes.n_val, seed=args.seed)
+    with Stage(timing, "teacher", 2, n, "teacher (image-level labels only)"):
+        teacher_path, teacher_vit, teacher_info = obtain_teacher(args, sizes, out, scenes["val"])
+        print(f"      its own head: {100 * teacher_info['own_head_global_recall']:.1f}% global macro recall "
+              f"({100 * teacher_info['own_head_global_recall_masked']:.1f}% on randomly masked scenes)")
+    with Stage(timing, "align", 3, n, "MaskEmbed alignment (trainer, `demo` recipe)"):
+        ckpt, align_info = align(args, sizes, out, scenes_root, teacher_path)
+    with Stage(timing, "probe", 4, n, "probing teacher and aligned model (local + global)"):
+        from ..probe.backbone import Backbone, BackboneConfig, load_backbone
+
+        backbones = {"teacher": Backbone(teacher_vit, "timm", "teacher"),
+                     "aligned": load_backbone(BackboneConfig(name=str(ckpt)), "cpu")}
+        recall, curves, preds = probe_both(args, sizes, scenes_root, backbones, out)
+
+    delta = {t: round(100 * (recall["aligned"][t] - recall["teacher"][t]), 2) for t in R.TASKS}
+    spec = V.vit_spec(teacher_vit)
+    results = {
+        "command": cmd,
+        "recall": recall,
+        "delta_points": delta,
+        "target": {"local_gain_points": TARGET_LOCAL_GAIN, "max_global_drop_points": TARGET_GLOBAL_DROP},
+        "target_met": bool(delta["local"] >= TARGET_LOCAL_GAIN and delta["global"] >= -TARGET_GLOBAL_DROP),
+        "probe_curves": curves,
+        "teacher": teacher_info,
+        "align": align_info,
+        "config": {"seed": args.seed, "quick": args.quick,
+                   "scenes": {"n_train": sizes.n_train, "n_val": sizes.n_val, **asdict(S.SceneConfig())},
+                   "align": {"steps": align_info["steps"], "batch": align_info["batch"], "lr": align_info["lr"]},
+                   "probe": {"train_scenes": sizes.probe_train, "epochs": sizes.probe_epochs, "lr": sizes.probe_lr, "batch_size": sizes.probe_batch,
+                             "warmup_steps": sizes.probe_warmup, "head": "transformer, 2 blocks"}},
+        "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "platform": platform.platform(), "python": platform.python_version()},
+    }
+    with Stage(timing, "report", 5, n, f"report in {out}"):
+        rows = sizes.figure_rows
+        truth = S.patch_labels(scenes["val"].labels[:rows], spec.patch_size).numpy()
+        timing["total"] = round(time.perf_counter() - t_start, 1)
+        results["timing_s"] = timing
+        R.write_all(out, results, list(scenes["val"].images[:rows]), truth, preds, spec.grid)
+    timing["total"] = round(time.perf_counter() - t_start, 1)
+    R.write_json(out / "results.json", results)  # final timing, report stage included
+    return results
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        res = run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"locality demo: error: {e}", file=sys.stderr)
+        return 2
+    r, d = res["recall"], res["delta_points"]
+    print(f"teacher  local {100 * r['teacher']['local']:.1f}%  global {100 * r['teacher']['global']:.1f}%")
+    print(f"aligned  local {100 * r['aligned']['local']:.1f}%  global {100 * r['aligned']['global']:.1f}%")
+    print(f"change   local {d['local']:+.2f} pts  global {d['global']:+.2f} pts  "
+          f"(target {'met' if res['target_met'] else 'not met'}); {res['timing_s']['total']:.0f} s")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

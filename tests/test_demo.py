@@ -1,0 +1,77 @@
+"""`locality demo --quick` end to end, and the teacher's training/saving round trip."""
+import json
+
+import pytest
+import torch
+
+from prismatic_locality.demo import run as D
+from prismatic_locality.demo import scenes as S
+from prismatic_locality.demo import teacher as T
+
+
+def _tiny_teacher_cfg(**kw):
+    return T.TeacherConfig(embed_dim=32, depth=2, num_heads=2, num_scenes=64, steps=3, batch_size=16, warmup=1, **kw)
+
+
+def test_teacher_trains_saves_and_loads_through_create_vit(tmp_path):
+    cfg = _tiny_teacher_cfg()
+    vit, summary = T.train_teacher(cfg, val=S.make_scenes(32, "val", 0, progress=False), progress=False)
+    assert 0.0 <= summary["val_global_recall"] <= 1.0 and summary["final_loss"] > 0
+    path = T.save_teacher(tmp_path / "t.safetensors", vit, cfg, summary)
+    back, cfg2 = T.load_teacher(path)                       # backbone only, via vit.create_vit
+    assert cfg2 == cfg and back.num_classes == 0
+    x = torch.randn(2, 3, cfg.img_size, cfg.img_size)
+    # stored in float16: equal to the trained model up to half-precision rounding of the weights
+    torch.testing.assert_close(back.forward_features(x), vit.forward_features(x), atol=2e-2, rtol=2e-2)
+    assert back.patch_embed.proj.weight.dtype == torch.float32
+    with_head, _ = T.load_teacher(path, num_classes=10)
+    torch.testing.assert_close(with_head(x), vit(x), atol=2e-2, rtol=2e-2)
+    assert torch.equal(with_head.head.weight, vit.head.weight.half().float())
+
+
+def test_teacher_training_is_seeded(tmp_path):
+    a, _ = T.train_teacher(_tiny_teacher_cfg(), progress=False)
+    b, _ = T.train_teacher(_tiny_teacher_cfg(), progress=False)
+    c, _ = T.train_teacher(_tiny_teacher_cfg(seed=1), progress=False)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_not_a_teacher_file_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"w": torch.zeros(1)}, str(bad))
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        T.read_teacher_config(bad)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        T.read_teacher_config(tmp_path / "missing.safetensors")
+
+
+def test_macro_recall_ignores_classes_without_positives():
+    target = torch.tensor([[1, 0, 0], [1, 1, 0]])
+    pred = torch.tensor([[1, 1, 1], [0, 1, 0]])
+    assert T.macro_recall(pred, target) == pytest.approx((0.5 + 1.0) / 2)
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_a_well_formed_report(tmp_path):
+    if not T.SHIPPED_TEACHER.is_file():
+        pytest.fail(f"shipped teacher missing: {T.SHIPPED_TEACHER}")
+    out = tmp_path / "demo"
+    assert D.main(["--quick", "--seed", "3", "--out", str(out)]) == 0
+    for name in ("report.md", "results.json", "recall.png", "qualitative.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    for model in ("teacher", "aligned"):
+        for task in ("local", "global"):
+            assert 0.0 <= res["recall"][model][task] <= 1.0
+    d = res["delta_points"]
+    assert d["local"] == pytest.approx(100 * (res["recall"]["aligned"]["local"] - res["recall"]["teacher"]["local"]), abs=0.01)
+    assert res["target_met"] == (d["local"] >= D.TARGET_LOCAL_GAIN and d["global"] >= -D.TARGET_GLOBAL_DROP)
+    assert res["config"]["seed"] == 3 and res["config"]["quick"] is True
+    assert set(res["timing_s"]) >= {"scenes", "teacher", "align", "probe", "report", "total"}
+    md = (out / "report.md").read_text()
+    assert f"{100 * res['recall']['teacher']['local']:.1f}" in md and "recall.png" in md
+    assert (out / "align" / "aligned" / "model.safetensors").is_file()
