@@ -141,15 +141,21 @@ def save_aligned(out_dir: str | os.PathLike, encoder: nn.Module, decoder: MaskEm
     return Path(out_dir)
 
 
-def read_config(path: str | os.PathLike) -> dict:
+def read_json(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> Any:
+    """Parse a JSON file; a missing or malformed file raises `error` with a message naming it
+    (`FileNotFoundError` for a missing file unless `error` is a `CheckpointError`)."""
     path = Path(path)
-    cfg_file = path / CONFIG_NAME
-    if not cfg_file.is_file():
-        raise CheckpointError(f"not an aligned checkpoint: {cfg_file} is missing")
+    if not path.is_file():
+        raise (error if issubclass(error, CheckpointError) else FileNotFoundError)(f"{what}: {path} is missing")
     try:
-        cfg = json.loads(cfg_file.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+        raise error(f"{path}: invalid JSON ({e})") from None
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    cfg_file = Path(path) / CONFIG_NAME
+    cfg = read_json(cfg_file, "not an aligned checkpoint", CheckpointError)
     if cfg.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_file}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
     for key in ("encoder", "decoder"):

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import CheckpointError, atomic_dir_write, write_json
+from ..checkpoint import CheckpointError, atomic_dir_write, read_json, write_json
 
 STATE_FORMAT = "prismatic-locality/align-state-v1"
 MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.json"
@@ -53,12 +53,7 @@ def has_state(state_dir: Path) -> bool:
 
 def read_state_info(state_dir: Path) -> dict:
     path = Path(state_dir) / STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"no training state: {path} is missing")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    info = read_json(path, "no training state", CheckpointError)
     if info.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: format is {info.get('format')!r}, expected {STATE_FORMAT!r}")
     return info

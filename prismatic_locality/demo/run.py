@@ -137,7 +137,6 @@ def align(args, sizes: Sizes, out: Path, scenes_root: Path, teacher_path: Path,
 
 def probe_both(args, sizes: Sizes, scenes_root: Path, backbones: dict, out: Path) -> tuple[dict, dict, dict]:
     """Local and global probes for each backbone with the benchmark's code; same settings for all."""
-    from ..probe.backbone import Backbone  # noqa: F401  (the type of `backbones` values)
     from ..probe.datasets import ProbeDataset
     from ..probe.features import build_split
     from ..probe.train import HeadConfig, OptimConfig, fit_probe, predict

@@ -8,13 +8,13 @@ Arguments may be results.json files or the run directories that contain one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ..checkpoint import read_json
 from . import plots
 
 
@@ -22,12 +22,7 @@ def load_results(path: str | os.PathLike) -> dict:
     p = Path(path)
     if p.is_dir():
         p = p / "results.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"probe results not found: {p}")
-    try:
-        r = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: invalid JSON ({e})") from None
+    r = read_json(p, "probe results not found")
     if not isinstance(r, dict) or not ("local" in r or "global" in r) or "backbone" not in r:
         raise ValueError(f"{p}: not a probe results.json (needs 'backbone' and 'local' and/or 'global')")
     r["_path"] = str(p)

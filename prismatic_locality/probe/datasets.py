@@ -17,7 +17,6 @@ Layouts (`root` = the directory passed as ``--data.root``):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..checkpoint import read_json
 from . import labels as L
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,7 @@ def locate(name: str, root: str | os.PathLike, split: str) -> DatasetSpec:
         return DatasetSpec(name, split, images, lbls, L.ADE20K_CLASSES, _identity)
     if name == "demo":
         classes_file = root / "classes.json"
-        if not classes_file.is_file():
-            raise FileNotFoundError(f"demo dataset: {classes_file} is missing")
-        try:
-            names = json.loads(classes_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{classes_file}: invalid JSON ({e})") from None
+        names = read_json(classes_file, "demo dataset")
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise ValueError(f"{classes_file}: expected a non-empty list of class names")
         images = _first_dir([root / split / "images"], f"demo {split} images")
