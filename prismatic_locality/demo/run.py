@@ -251,7 +251,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"teacher  local {100 * r['teacher']['local']:.1f}%  global {100 * r['teacher']['global']:.1f}%")
     print(f"aligned  local {100 * r['aligned']['local']:.1f}%  global {100 * r['aligned']['global']:.1f}%")
     print(f"change   local {d['local']:+.2f} pts  global {d['global']:+.2f} pts  "
-          f"(target {'met' if res['target_met'] else 'not met'}); {res['timing_s']['total']:.0f} s")
+          f"(target {'met' if res['target_met'] else 'not met'}"
+          f"{'; quick mode: smoke-test sizes, not meaningful' if args.quick else ''}); {res['timing_s']['total']:.0f} s")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
