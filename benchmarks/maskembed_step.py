@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import os
 import platform
 import sys
 import time
@@ -30,6 +28,7 @@ from pathlib import Path
 import torch
 
 from prismatic_locality import vit as V
+from prismatic_locality.checkpoint import write_json
 from prismatic_locality.decoder import MaskEmbedDecoder
 from prismatic_locality.maskembed import (MaskEmbed, Teacher, default_decoder_config,
                                           make_encoder, peak_tflops, train_flops_per_image)
@@ -184,10 +183,7 @@ def main(argv=None):
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, result)
     print(f"wrote {out}")
     return 0
 

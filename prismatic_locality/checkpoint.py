@@ -103,16 +103,21 @@ def _umask() -> int:
     return mask
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (temp file + rename)."""
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomic text write (temp file + rename): readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomic JSON write."""
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def save_aligned(out_dir: str | os.PathLike, encoder: nn.Module, decoder: MaskEmbedDecoder, *,

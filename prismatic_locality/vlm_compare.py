@@ -24,13 +24,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from prismatic_locality.checkpoint import write_json
+from prismatic_locality.checkpoint import write_json, write_text
 
 MISSING = "—"
 
@@ -239,6 +238,8 @@ def radar_chart(path: Path, models: list[str], benchmarks, z: np.ndarray, title:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from prismatic_locality.probe.plots import save_figure
+
     keep = [j for j in range(z.shape[1]) if not np.isnan(z[:, j]).all()]
     if not keep:
         raise ValueError("no scored benchmark to plot for the selected models")
@@ -264,24 +265,7 @@ def radar_chart(path: Path, models: list[str], benchmarks, z: np.ndarray, title:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=150)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=150, tight=False)
 
 
 def _as_json(models: list[str], benchmarks, values: np.ndarray) -> dict:
@@ -322,7 +306,7 @@ def compare(results_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         summary["deltas"] = _as_json(shown_ids, BENCHMARKS, deltas(shown.values, shown_ids.index(baseline)))
     radar_chart(files["radar"], shown_ids, BENCHMARKS, z, f"z-scored per benchmark over {len(pool)} models")
     write_json(files["json"], summary)
-    _write_text(files["markdown"], report_markdown(shown, pool, z, baseline))
+    write_text(files["markdown"], report_markdown(shown, pool, z, baseline))
     return files
 
 

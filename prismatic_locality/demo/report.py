@@ -1,8 +1,6 @@
 """The demo's report directory: results.json, report.md, a bar chart and a qualitative figure."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -12,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..checkpoint import write_json  # noqa: E402
+from ..checkpoint import write_json, write_text  # noqa: E402
 from ..probe.plots import save_figure  # noqa: E402
 
 MODELS = ("teacher", "aligned")
@@ -153,12 +151,7 @@ def write_report(out: Path, results: dict) -> Path:
         "steps on a 0.8M-parameter model, so expect the effect's size, not its exact value, to carry over.",
         "",
     ]
-    path = out / "report.md"
-    fd, tmp = tempfile.mkstemp(prefix=".report.md.", dir=out)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return write_text(out / "report.md", "\n".join(lines))
 
 
 def write_all(out: Path, results: dict, images, truth, preds, grid: int) -> dict[str, Path]:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import read_json
+from ..checkpoint import read_json, write_text
 from . import plots
 
 
@@ -69,11 +68,7 @@ def compare(paths: list[str], out: str | os.PathLike, names: Optional[list[str]]
     if len(datasets) > 1:
         table += f"\n\nWarning: the runs use different datasets ({', '.join(sorted(map(str, datasets)))})."
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".compare.md.", dir=out)
-    with os.fdopen(fd, "w") as f:
-        f.write(table + "\n")
-    os.replace(tmp, out / "compare.md")
+    write_text(out / "compare.md", table + "\n")
     plots.plot_compare(names, [_recall(r, "local") for r in runs], [_recall(r, "global") for r in runs],
                        out / "compare.png")
     sized = {n: r["local"]["size_bins"] for n, r in zip(names, runs) if r.get("local", {}).get("size_bins")}

@@ -15,13 +15,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def save_figure(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120, tight: bool = True) -> Path:
+    """Save and close a figure atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight" if tight else None)
         os.replace(tmp, path)
     finally:
         plt.close(fig)

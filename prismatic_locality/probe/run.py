@@ -23,7 +23,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import draccus
 import numpy as np
 import torch
 
-from ..checkpoint import write_json
+from ..checkpoint import write_json, write_text
 from . import plots
 from .backbone import Backbone, BackboneConfig, load_backbone
 from .datasets import DATASETS, ProbeDataset
@@ -97,13 +96,6 @@ def _jsonable(x):
     if isinstance(x, np.integer):
         return int(x)
     return x
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def summary_line(results: dict) -> str:
@@ -202,7 +194,7 @@ def write_outputs(out: Path, results: dict, val: ProbeSplit, heads: dict, cfg: P
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-    _atomic_text(out / "per_class.csv", buf.getvalue())
+    write_text(out / "per_class.csv", buf.getvalue())
 
     tasks = [t for t in ("local", "global") if t in results]
     fmt = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
@@ -212,7 +204,7 @@ def write_outputs(out: Path, results: dict, val: ProbeSplit, heads: dict, cfg: P
         if any(r.get(f"{t}_positives", 0) for t in tasks):
             md.append(f"| {r['class_id']} | {r['class']} | " +
                       " | ".join(f"{fmt(r[f'{t}_recall'])} | {r[f'{t}_positives']}" for t in tasks) + " |")
-    _atomic_text(out / "per_class.md", "\n".join(md) + "\n")
+    write_text(out / "per_class.md", "\n".join(md) + "\n")
 
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -220,7 +212,7 @@ def write_outputs(out: Path, results: dict, val: ProbeSplit, heads: dict, cfg: P
     for t in tasks:
         for b in results[t]["size_bins"]:
             w.writerow([t, b["bin"], b["size_lo"], b["size_hi"], b["objects"], b["macro_recall"], b["micro_recall"]])
-    _atomic_text(out / "size_recall.csv", buf.getvalue())
+    write_text(out / "size_recall.csv", buf.getvalue())
     plots.plot_size_recall({t: results[t]["size_bins"] for t in tasks}, out / "size_recall.png",
                            title=f"{results['backbone']['name']}: recall by object size")
     if "local" in heads and cfg.figure_images > 0:
