@@ -67,6 +67,12 @@ def test_quick_demo_writes_a_well_formed_report(tmp_path):
     for model in ("teacher", "aligned"):
         for task in ("local", "global"):
             assert 0.0 <= res["recall"][model][task] <= 1.0
+    heads = res["recall_per_probe_head"]
+    for model in ("teacher", "aligned"):
+        for task in ("local", "global"):  # --quick trains two heads per cell: the reported recall is their mean
+            assert len(heads[model][task]) == res["config"]["probe"]["heads_per_model_and_task"] == 2
+            assert res["recall"][model][task] == pytest.approx(sum(heads[model][task]) / 2)
+    assert res["config"]["probe"]["head_seeds"] == [3, 1003]
     d = res["delta_points"]
     assert d["local"] == pytest.approx(100 * (res["recall"]["aligned"]["local"] - res["recall"]["teacher"]["local"]), abs=0.01)
     assert res["target_met"] == (d["local"] >= D.TARGET_LOCAL_GAIN and d["global"] >= -D.TARGET_GLOBAL_DROP)

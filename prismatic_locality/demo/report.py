@@ -77,6 +77,10 @@ def _num(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def _list(points: list) -> str:
+    return ", ".join(f"{v:+.2f}" for v in points)
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
@@ -87,7 +91,10 @@ def write_report(out: Path, results: dict) -> Path:
     d = results["delta_points"]
     c = results["config"]
     t = results["timing_s"]
+    threads = results["machine"]["threads"]
     verdict = "met" if results["target_met"] else "NOT met"
+    if c["quick"]:
+        verdict = f"not evaluated (quick mode; these sizes would say '{verdict}')"
     lines = [
         "# Locality alignment in miniature",
         "",
@@ -106,6 +113,10 @@ def write_report(out: Path, results: dict) -> Path:
         f"| teacher | {_pct(r['teacher']['local'])} | {_pct(r['teacher']['global'])} |",
         f"| aligned (MaskEmbed) | {_pct(r['aligned']['local'])} | {_pct(r['aligned']['global'])} |",
         f"| **change (points)** | **{d['local']:+.2f}** | **{d['global']:+.2f}** |",
+        "",
+        f"Each number is the mean of {c['probe']['heads_per_model_and_task']} probe head(s) trained with different seeds "
+        f"{c['probe']['head_seeds']}; per head, the change is {_list(results['delta_points_per_probe_head']['local'])} "
+        f"points local and {_list(results['delta_points_per_probe_head']['global'])} global.",
         "",
         f"Target (aligned local ≥ teacher local + 2.0 points, aligned global ≥ teacher global − 1.0): **{verdict}**.",
         "",
@@ -129,9 +140,9 @@ def write_report(out: Path, results: dict) -> Path:
         f"4. **Probes** ({t['probe']:.0f} s): the benchmark's 2-layer transformer head on frozen features, "
         f"{c['probe']['train_scenes']} train scenes, {c['probe']['epochs']['local']} epochs (local) / "
         f"{c['probe']['epochs']['global']} (global), lr {c['probe']['lr']:g}, batch {c['probe']['batch_size']}, "
-        "best epoch on val, the same settings for both models.",
+        f"best epoch on val, {c['probe']['heads_per_model_and_task']} head(s) per model and task, the same settings for both models.",
         "",
-        f"Total wall time {t['total']:.0f} s on {results['machine']['threads']} CPU threads "
+        f"Total wall time {t['total']:.0f} s on {threads} CPU thread{'s' if threads > 1 else ''} "
         f"(torch {results['machine']['torch']}).",
         "",
         "## The same pipeline on real backbones and data",
