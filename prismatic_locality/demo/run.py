@@ -50,15 +50,15 @@ class Sizes:
     probe_batch: int
     probe_warmup: int
     probe_lr: float
-    probe_seeds: int = 1    # heads per (model, task), averaged: one head's recall varies by ~1 point with its seed
+    probe_heads: int = 1    # heads per (model, task), averaged: one head's recall varies by ~1 point with its seed
     figure_rows: int = 4
     teacher_steps: int = 0  # only with --train-teacher (0 = TeacherConfig's default)
 
 
 FULL = Sizes(n_train=8000, n_val=1000, align_steps=None, probe_train=3000, probe_epochs={"local": 10, "global": 4},
-             probe_batch=32, probe_warmup=50, probe_lr=2e-3, probe_seeds=2)
+             probe_batch=32, probe_warmup=50, probe_lr=2e-3, probe_heads=2)
 QUICK = Sizes(n_train=256, n_val=128, align_steps=3, probe_train=256, probe_epochs={"local": 1, "global": 1},
-              probe_batch=32, probe_warmup=2, probe_lr=2e-3, probe_seeds=2,
+              probe_batch=32, probe_warmup=2, probe_lr=2e-3, probe_heads=2,
               figure_rows=2, teacher_steps=5)
 
 
@@ -141,17 +141,17 @@ def probe_seeds(seed: int, n: int) -> list[int]:
     return [seed + 1000 * k for k in range(n)]
 
 
-def probe_both(args, sizes: Sizes, scenes_root: Path, backbones: dict, out: Path) -> tuple[dict, dict, dict, dict]:
+def probe_both(args, sizes: Sizes, scenes_root: Path, backbones: dict, out: Path) -> tuple[dict, dict, dict]:
     """Local and global probes for each backbone with the benchmark's code; same settings for all.
 
-    Each (backbone, task) trains `sizes.probe_seeds` heads that differ only in their seed (init and
-    batch order) and reports the mean recall; curves and figure predictions are the first head's.
-    Returns (mean recall, per-head recalls, curves, predictions)."""
+    Each (backbone, task) trains `sizes.probe_heads` heads that differ only in their seed (init and
+    batch order). Returns (per-head recalls, curves, predictions); curves and figure predictions
+    are the first head's."""
     from ..probe.datasets import ProbeDataset
     from ..probe.features import build_split
     from ..probe.train import HeadConfig, OptimConfig, fit_probe, predict
 
-    recall, per_head, curves, preds = {}, {}, {}, {}
+    per_head, curves, preds = {}, {}, {}
     for name, backbone in backbones.items():
         spec = backbone.spec
         limits = {"train": sizes.probe_train, "val": None}
@@ -160,14 +160,14 @@ def probe_both(args, sizes: Sizes, scenes_root: Path, backbones: dict, out: Path
                                      backbone, out / "cache", batch_size=256, num_workers=0,
                                      device=torch.device("cpu"), precision="fp32", desc=f"{name} {split}")
                   for split in S.SPLITS}
-        recall[name], per_head[name], curves[name] = {}, {}, {}
+        per_head[name], curves[name] = {}, {}
         for task in R.TASKS:
             optim = OptimConfig(lr=sizes.probe_lr, epochs=sizes.probe_epochs[task], batch_size=sizes.probe_batch,
                                 warmup_steps=sizes.probe_warmup)
             per_head[name][task] = []
-            for k, seed in enumerate(probe_seeds(args.seed, sizes.probe_seeds)):
+            for k, seed in enumerate(probe_seeds(args.seed, sizes.probe_heads)):
                 r, head = fit_probe(splits["train"], splits["val"], task, spec.num_heads, HeadConfig(), optim,
-                                    seed, torch.device("cpu"), desc=f"{name} [{k + 1}/{sizes.probe_seeds}] ")
+                                    seed, torch.device("cpu"), desc=f"{name} [{k + 1}/{sizes.probe_heads}] ")
                 per_head[name][task].append(float(r["macro_recall"]))
                 if k == 0:
                     curves[name][task] = [float(e["macro_recall"]) if isinstance(e, dict) else float(e)
@@ -176,8 +176,7 @@ def probe_both(args, sizes: Sizes, scenes_root: Path, backbones: dict, out: Path
                         x = torch.from_numpy(np.array(splits["val"].features[: sizes.figure_rows], dtype=np.float32))
                         with torch.no_grad():
                             preds[name] = predict(head.eval(), x).numpy().astype(bool)
-            recall[name][task] = float(np.mean(per_head[name][task]))
-    return recall, per_head, curves, preds
+    return per_head, curves, preds
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,8 +221,9 @@ def run(args) -> dict:
 
         backbones = {"teacher": Backbone(teacher_vit, "timm", "teacher"),
                      "aligned": load_backbone(BackboneConfig(name=str(ckpt)), "cpu")}
-        recall, per_head, curves, preds = probe_both(args, sizes, scenes_root, backbones, out)
+        per_head, curves, preds = probe_both(args, sizes, scenes_root, backbones, out)
 
+    recall = {m: {t: float(np.mean(heads)) for t, heads in tasks.items()} for m, tasks in per_head.items()}
     delta = {t: round(100 * (recall["aligned"][t] - recall["teacher"][t]), 2) for t in R.TASKS}
     spec = V.vit_spec(teacher_vit)
     results = {
@@ -242,7 +242,7 @@ def run(args) -> dict:
                    "scenes": {"n_train": sizes.n_train, "n_val": sizes.n_val, **asdict(S.SceneConfig())},
                    "align": {"steps": align_info["steps"], "batch": align_info["batch"], "lr": align_info["lr"]},
                    "probe": {"train_scenes": sizes.probe_train, "epochs": sizes.probe_epochs, "lr": sizes.probe_lr, "batch_size": sizes.probe_batch,
-                             "heads_per_model_and_task": sizes.probe_seeds, "head_seeds": probe_seeds(args.seed, sizes.probe_seeds),
+                             "heads_per_model_and_task": sizes.probe_heads, "head_seeds": probe_seeds(args.seed, sizes.probe_heads),
                              "warmup_steps": sizes.probe_warmup, "head": "transformer, 2 blocks"}},
         "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
                     "platform": platform.platform(), "python": platform.python_version()},
