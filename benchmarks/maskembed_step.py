@@ -1,6 +1,7 @@
 """One MaskEmbed optimiser step: our default (fast) path vs a reference-equivalent path, side by side.
 
     python benchmarks/maskembed_step.py --models demo vit-b-16-224 --batch 8          # CPU
+    python benchmarks/maskembed_step.py --models demo --batch 64 --cpu-bf16            # + CPU bf16 (demo-bf16)
     python benchmarks/maskembed_step.py --models clip-l-336 so400m-384 --batch 32 --max-batch   # GPU
 
 Paths (same model, same masks, same micro-batch):
@@ -10,6 +11,8 @@ Paths (same model, same masks, same micro-batch):
   reference  what the released code does: teacher in fp32 weights under autocast, pixel masking of
              a K-times repeated image batch, soft-capped attention with materialised logits
              (torch.compile'd too with --compile, as the reference runs).
+  fast-bf16  (CPU, --cpu-bf16) the fast path under bf16 autocast with timm's explicit attention in
+             teacher and decoder, as the trainer runs `precision=bf16` on a CPU (the `demo-bf16` recipe).
 
 FLOPs are analytic (`maskembed.train_flops_per_image`, formula printed); MFU = achieved / peak,
 peak from --peak-tflops or the GPU name (H100/H200: 989 bf16 dense TFLOP/s). Writes JSON.
@@ -48,7 +51,7 @@ def build(model: str, path: str, device: torch.device, compile_: bool, grad_ckpt
     torch.manual_seed(0)
     vit = V.create_vit(arch, **kw).to(device)
     on_gpu = device.type == "cuda"
-    fast = path == "fast"
+    fast = path.startswith("fast")
     teacher = Teacher(copy.deepcopy(vit), masking="token" if fast else "pixel")
     if fast and on_gpu:
         teacher.vit.to(torch.bfloat16)
@@ -56,14 +59,17 @@ def build(model: str, path: str, device: torch.device, compile_: bool, grad_ckpt
     if grad_ckpt and fast:
         encoder.set_grad_checkpointing(True)
     decoder = MaskEmbedDecoder(default_decoder_config(teacher.spec, V.vit_spec(encoder))).to(device)
+    if path == "fast-bf16":  # what align.train does for bf16 on CPU
+        V.set_fused_attention(teacher.vit, False)
+        V.set_fused_attention(decoder, False)
     model_ = MaskEmbed(encoder, decoder, teacher)
     opt = torch.optim.AdamW(model_.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=on_gpu)
     step_fn = torch.compile(model_) if compile_ else model_  # both paths: the reference compiles too
     return model_, step_fn, opt
 
 
-def run_step(model, step_fn, opt, images, masks, device):
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+def run_step(model, step_fn, opt, images, masks, device, bf16: bool):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = step_fn(images, masks)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -90,7 +96,7 @@ def measure(model_name, path, batch, steps, warmup, device, compile_, grad_ckpt)
         masks = sampler(batch, step_generator(0, i, device))
         sync(device)
         t0 = time.perf_counter()
-        loss = run_step(model, step_fn, opt, images, masks, device)
+        loss = run_step(model, step_fn, opt, images, masks, device, bf16=device.type == "cuda" or path == "fast-bf16")
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -142,6 +148,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile both paths (the reference uses inductor)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the fast path's encoder")
     p.add_argument("--max-batch", action="store_true", help="GPU: also find each path's largest micro-batch")
+    p.add_argument("--cpu-bf16", action="store_true", help="CPU: also the fast path under bf16 autocast")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="benchmarks/results/maskembed_step.json")
@@ -158,7 +165,7 @@ def main(argv=None):
     rows = []
     for model_name in args.models:
         pair = {}
-        for path in ("reference", "fast"):
+        for path in ("reference", "fast") + (("fast-bf16",) if args.cpu_bf16 and device.type == "cpu" else ()):
             batch = args.fast_batch if (path == "fast" and args.fast_batch) else args.batch
             r = measure(model_name, path, batch, args.steps, args.warmup, device, args.compile, args.grad_ckpt)
             r["mfu"] = r["achieved_tflops"] / peak if peak else None
@@ -176,6 +183,11 @@ def main(argv=None):
         rows.append({"model": model_name, "path": "ratio", "speedup": speedup,
                      "max_batch_ratio": (pair["fast"].get("max_micro_batch", 0) / pair["reference"]["max_micro_batch"])
                      if pair["reference"].get("max_micro_batch") else None})
+        if "fast-bf16" in pair:
+            bf16_speedup = pair["fast-bf16"]["images_per_s"] / pair["fast"]["images_per_s"]
+            print(f"{model_name:>13}   bf16 vs fp32 (fast path): {bf16_speedup:.2f}x, CPU has hardware bf16: "
+                  f"{V.cpu_has_native_bf16()}")
+            rows[-1].update(bf16_speedup_vs_fast=bf16_speedup, cpu_has_native_bf16=V.cpu_has_native_bf16())
     result = {
         "benchmark": "maskembed_step", "device": name, "device_type": device.type, "peak_tflops": peak,
         "torch": torch.__version__, "timm": __import__("timm").__version__, "compile": args.compile,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from prismatic_locality.align.config import RECIPES, AlignConfig, get_recipe, parse_config, validate
+from prismatic_locality.align.config import RECIPES, AlignConfig, get_recipe, parse_config, to_dict, validate
 from prismatic_locality.align.optim import build_optimizer, lr_at
 from prismatic_locality.align.state import config_mismatch
 from prismatic_locality.align.train import main
@@ -39,6 +39,14 @@ def test_demo_recipe_is_tiny_and_cpu():
     assert cfg.teacher.timm_kwargs["img_size"] == 48 and cfg.teacher.timm_kwargs["patch_size"] == 8
     assert cfg.device == "cpu" and cfg.global_batch % cfg.micro_batch == 0
     assert set(RECIPES) >= set(SPEC_A12) | {"demo"}
+
+
+def test_demo_bf16_recipe_is_the_demo_with_bf16_and_twice_the_steps():
+    fp32, bf16 = to_dict(get_recipe("demo")), to_dict(get_recipe("demo-bf16"))
+    assert (fp32["precision"], bf16["precision"]) == ("auto", "bf16")
+    assert bf16["max_steps"] == 2 * fp32["max_steps"]
+    differ = {k for k in fp32 if fp32[k] != bf16[k]}
+    assert differ == {"recipe", "precision", "max_steps"}
 
 
 def test_yaml_overrides_the_recipe_and_cli_overrides_yaml(tmp_path):

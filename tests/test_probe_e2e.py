@@ -223,6 +223,20 @@ def test_deterministic_across_fresh_loads(tmp_path):
     assert r3["cache"]["reused"] and r3["local"]["epochs"] == r1["local"]["epochs"]
 
 
+def test_bf16_head_training_is_deterministic_and_recorded(tmp_path):
+    root = write_demo(tmp_path / "scenes", n_train=8, n_val=4)
+    cfg = tiny_cfg(root, "demo", tmp_path, task="local", write_outputs=False)
+    fp32 = run_probe(cfg)["local"]
+    cfg.optim.precision = "bf16"
+    r1, r2 = run_probe(cfg)["local"], run_probe(cfg)["local"]
+    assert (fp32["precision"], r1["precision"]) == ("fp32", "bf16")
+    assert r1["epochs"] == r2["epochs"] and 0 <= r1["macro_recall"] <= 1
+    assert [e["train_loss"] for e in r1["epochs"]] != [e["train_loss"] for e in fp32["epochs"]]  # bf16 did run
+    cfg.optim.precision = "fp16"
+    with pytest.raises(ValueError, match="optim.precision"):
+        run_probe(cfg)
+
+
 # -------------------------------------------------------------------------- bad input
 
 

@@ -66,6 +66,17 @@ def test_softcap_attention_math():
     assert not torch.allclose(out, plain, atol=1e-3)  # the cap bites on large logits
 
 
+def test_set_fused_attention_switches_timm_attention_only_and_keeps_outputs():
+    vit = V.apply_softcap(tiny_vit("in1k"), 30.0)  # SoftCapAttention is not switched
+    assert V.set_fused_attention(vit, False) == 0
+    plain = tiny_vit("in1k").eval()
+    x = torch.randn(2, 3, 32, 32)
+    fused = plain.forward_features(x)
+    assert V.set_fused_attention(plain, False) == 3
+    assert not any(getattr(m, "fused_attn", False) for m in plain.modules())
+    torch.testing.assert_close(plain.forward_features(x), fused, atol=1e-5, rtol=1e-5)
+
+
 def test_apply_softcap_keeps_state_dict_and_function_for_small_logits():
     m = tiny_vit("clip").eval()
     keys = list(m.state_dict())

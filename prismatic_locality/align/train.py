@@ -96,11 +96,15 @@ def build_model(cfg: AlignConfig, device: torch.device) -> MaskEmbed:
     return model
 
 
+def resolve_precision(cfg: AlignConfig, device: torch.device) -> str:
+    """"bf16" | "fp32": `auto` is bf16 autocast on GPU and fp32 on CPU."""
+    if cfg.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return cfg.precision
+
+
 def autocast_context(cfg: AlignConfig, device: torch.device):
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
+    if resolve_precision(cfg, device) == "bf16":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -266,6 +270,11 @@ def _train(cfg: AlignConfig, info: D.DistInfo) -> Path:
     model = build_model(cfg, device)
     teacher = model.teacher
     autocast = autocast_context(cfg, device)
+    if device.type == "cpu" and resolve_precision(cfg, device) == "bf16":
+        # torch's CPU flash-attention is slow in bf16 (V.set_fused_attention); the encoder's
+        # soft-capped attention is explicit on CPU already
+        for module in (teacher.vit, model.decoder):
+            V.set_fused_attention(module, False)
     sampler = build_mask_sampler(cfg.masks.kind, teacher.spec.grid, cfg.masks.complement, cfg.masks.null,
                                  cfg.masks.keep_prob, cfg.masks.block_ratio)
     if sampler.num_patches != V.vit_spec(model.encoder).num_patches:

@@ -134,13 +134,14 @@ def write_report(out: Path, results: dict) -> Path:
         f"2. **Teacher** ({t['teacher']:.0f} s): {results['teacher']['source']}. timm `{results['teacher']['arch']}` "
         f"resized to {results['teacher']['shape']} ({results['teacher']['params'] / 1e6:.2f}M parameters), trained with BCE on image-level digit labels only "
         f"(its own head: {_pct(results['teacher']['own_head_global_recall'])}% global macro recall on val).",
-        f"3. **MaskEmbed** ({t['align']:.0f} s): the trainer's `demo` recipe, {c['align']['steps']} steps × "
-        f"{c['align']['batch']} images × 3 masks; final training loss {_num(results['align'].get('last_loss'))} "
+        f"3. **MaskEmbed** ({t['align']:.0f} s): the trainer's `{c['align']['recipe']}` recipe, {c['align']['steps']} steps × "
+        f"{c['align']['batch']} images × 3 masks, {c['align']['precision']} on CPU; final training loss {_num(results['align'].get('last_loss'))} "
         "(targets have unit variance: predicting their mean scores ≈ 1.0). Checkpoint: `align/aligned/`.",
         f"4. **Probes** ({t['probe']:.0f} s): the benchmark's 2-layer transformer head on frozen features, "
         f"{c['probe']['train_scenes']} train scenes, {c['probe']['epochs']['local']} epochs (local) / "
         f"{c['probe']['epochs']['global']} (global), lr {c['probe']['lr']:g}, batch {c['probe']['batch_size']}, "
-        f"best epoch on val, {c['probe']['heads_per_model_and_task']} head(s) per model and task, the same settings for both models.",
+        f"best epoch on val, {c['probe']['heads_per_model_and_task']} head(s) per model and task trained in {c['probe']['precision']}, "
+        "the same settings for both models.",
         "",
         f"Total wall time {t['total']:.0f} s on {threads} CPU thread{'s' if threads > 1 else ''} "
         f"(torch {results['machine']['torch']}).",

@@ -3,13 +3,15 @@
 Reference recipe (spec §C.4), all overridable: AdamW(lr 1e-3, wd 0.01 on all head params), timm
 CosineLRScheduler stepped per update (horizon = epochs x steps/epoch, 500 linear warmup steps from
 0 counted inside the horizon, floor 1e-4), batch 32, drop_last, 5 epochs, BCE-with-logits averaged
-over all (patch, class) or (image, class) entries, no augmentation. The head trains in fp32.
+over all (patch, class) or (image, class) entries, no augmentation. The head trains in fp32
+(`precision="bf16"`: autocast, ~1.7x faster on a CPU with hardware bf16; the CPU demo uses it there).
 
 Batches are gathered from the cached arrays (in RAM when they fit `max_ram_gb`, otherwise straight
 from the memory map), so an epoch costs only the head's forward and backward.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
+from .. import vit as V
 from .features import ProbeSplit
 from .heads import build_head
 from .labels import unpack
@@ -44,6 +47,7 @@ class OptimConfig:
     epochs: int = 5
     eval_batch_size: int = 256
     max_ram_gb: float = 16.0    # load cached features into RAM below this size, else read the memory map
+    precision: str = "fp32"     # head forward: fp32 (reference) | bf16 (autocast)
 
 
 class _Source:
@@ -80,6 +84,12 @@ def fit_probe(train: ProbeSplit, val: ProbeSplit, task: str, num_heads: int, hea
     head = build_head(head_cfg.kind, task, num_tokens=T, num_prefix=num_prefix, dim=D, num_heads=num_heads,
                       num_classes=train.num_classes, depth=head_cfg.depth, hidden=head_cfg.hidden,
                       layer_scale=head_cfg.layer_scale).to(device)
+    if optim.precision not in ("fp32", "bf16"):
+        raise ValueError(f"optim.precision must be fp32 | bf16, got {optim.precision!r}")
+    bf16 = optim.precision == "bf16"
+    if bf16 and device.type == "cpu":
+        V.set_fused_attention(head, False)  # torch's CPU flash attention is slow in bf16
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     opt = torch.optim.AdamW(head.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     total = optim.epochs * steps_per_epoch
     sched = CosineLRScheduler(opt, t_initial=total, lr_min=optim.min_lr, warmup_t=optim.warmup_steps,
@@ -97,7 +107,9 @@ def fit_probe(train: ProbeSplit, val: ProbeSplit, task: str, num_heads: int, hea
         loss_sum = 0.0
         for s in range(steps_per_epoch):
             x, y = src_train.get(perm[s * bs:(s + 1) * bs], device)
-            loss = F.binary_cross_entropy_with_logits(head(x), y.float())
+            with autocast():
+                logits = head(x)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -105,7 +117,8 @@ def fit_probe(train: ProbeSplit, val: ProbeSplit, task: str, num_heads: int, hea
             sched.step_update(num_updates=step)
             loss_sum += loss.item()
             bar.update(1)
-        ev = evaluate(head, src_val, len(val), task, optim.eval_batch_size, device)
+        with autocast():
+            ev = evaluate(head, src_val, len(val), task, optim.eval_batch_size, device)
         ev["summary"].update(epoch=epoch + 1, train_loss=loss_sum / steps_per_epoch)
         history.append(ev["summary"])
         bar.set_postfix(recall=f"{ev['summary']['macro_recall']:.4f}")
@@ -123,6 +136,7 @@ def fit_probe(train: ProbeSplit, val: ProbeSplit, task: str, num_heads: int, hea
         "per_class_recall": best["per_class"],
         "val_positives": best["positives"],
         "steps": total,
+        "precision": optim.precision,
         "seconds": round(time.perf_counter() - start, 3),
     }
     # per (image, class) counts at the best epoch, for the object-size strata (not written to JSON)
