@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from prismatic_locality.align.config import RECIPES, AlignConfig, get_recipe, parse_config, to_dict, validate
-from prismatic_locality.align.optim import build_optimizer, lr_at
+from prismatic_locality.align.optim import build_optimizer, load_optimizer_state, lr_at
 from prismatic_locality.align.state import config_mismatch
 from prismatic_locality.align.train import main
 
@@ -149,6 +149,35 @@ def test_weight_decay_hits_every_parameter_unless_excluded():
     ex = build_optimizer(m.named_parameters(), 1e-3, 0.01, (0.9, 0.95), 1e-8, exclude_norm_bias=True)
     decayed, free = ex.param_groups
     assert len(decayed["params"]) == 1 and decayed["params"][0] is m[0].weight and free["weight_decay"] == 0.0
+
+
+def test_optimizer_state_moves_between_fused_and_unfused_kernels():
+    # a GPU run saves with fused=True; resumed elsewhere, the state (moments, step) must come
+    # back while the kernel choice stays the loading run's (and `step` lives where it expects)
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3)
+    fused = build_optimizer(m.named_parameters(), 1e-2, 0.01, (0.9, 0.95), 1e-8, fused=True)
+    assert fused.param_groups[0]["fused"] is True
+    for _ in range(3):
+        m(torch.randn(5, 4)).square().sum().backward()
+        fused.step()
+        fused.zero_grad()
+    saved = fused.state_dict()
+    plain = build_optimizer(m.named_parameters(), 1e-3, 0.0, (0.5, 0.5), 1.0)
+    load_optimizer_state(plain, saved)
+    g = plain.param_groups[0]
+    assert not g["fused"] and (g["lr"], g["weight_decay"], g["betas"]) == (1e-2, 0.01, (0.9, 0.95))
+    for i, p in enumerate(m.parameters()):
+        a, b = plain.state[p], saved["state"][i]
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+        assert float(a["step"]) == 3.0
+    w = m.weight.detach().clone()
+    m(torch.randn(5, 4)).square().sum().backward()
+    plain.step()  # the loaded state drives a normal update
+    assert not torch.equal(w, m.weight)
+    with pytest.raises(ValueError, match="parameter groups"):
+        load_optimizer_state(build_optimizer(m.named_parameters(), 1e-3, 0.01, (0.9, 0.95), 1e-8,
+                                             exclude_norm_bias=True), saved)
 
 
 def test_config_mismatch_names_the_field_and_allows_operational_changes():

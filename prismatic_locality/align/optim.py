@@ -6,6 +6,8 @@
 - Per-update cosine from lr to min_lr over the whole run (timm CosineLRScheduler, t_in_epochs=False,
   one cycle); an optional linear warmup from warmup_lr counts *inside* the horizon
   (warmup_prefix=False): lr(t) = warmup_lr + t (lr - warmup_lr) / warmup for t < warmup.
+- On GPU the update runs as torch's fused AdamW kernel (same maths, one launch instead of a
+  dozen per parameter group); the benchmark's steps use it too.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ def _no_decay(name: str, p: nn.Parameter, skip: set) -> bool:
 
 
 def build_optimizer(named_params: Iterable[Tuple[str, nn.Parameter]], lr: float, weight_decay: float,
-                    betas: Tuple[float, float], eps: float, exclude_norm_bias: bool = False) -> torch.optim.AdamW:
+                    betas: Tuple[float, float], eps: float, exclude_norm_bias: bool = False,
+                    fused: bool = False) -> torch.optim.AdamW:
     params = [(n, p) for n, p in named_params if p.requires_grad]
     if exclude_norm_bias:
         skip = {"pos_embed", "cls_token", "reg_token", "dist_token"}
@@ -40,7 +43,26 @@ def build_optimizer(named_params: Iterable[Tuple[str, nn.Parameter]], lr: float,
         ]
     else:
         groups = [{"params": [p for _, p in params], "weight_decay": weight_decay}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+
+
+# How the update is computed, not what it computes: these follow the device of the run that
+# loads a state, not the one that saved it (a GPU state resumed on CPU must not ask for CUDA's
+# fused kernel). They are set before loading because they also decide where `step` lives.
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, keeping this optimiser's implementation flags."""
+    if len(state.get("param_groups", ())) != len(optimizer.param_groups):
+        raise ValueError(f"{len(state.get('param_groups', ()))} parameter groups saved, "
+                         f"{len(optimizer.param_groups)} expected")
+    groups = []
+    for saved, own in zip(state["param_groups"], optimizer.param_groups):
+        g = {k: v for k, v in saved.items() if k not in IMPLEMENTATION_FLAGS}
+        g.update({k: own[k] for k in IMPLEMENTATION_FLAGS if k in own})
+        groups.append(g)
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

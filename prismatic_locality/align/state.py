@@ -22,6 +22,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointError, atomic_dir_write, read_json, write_json
+from .optim import load_optimizer_state
 
 STATE_FORMAT = "prismatic-locality/align-state-v1"
 MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.json"
@@ -72,7 +73,7 @@ def load_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise CheckpointError(f"{weights}: does not match the model (missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")
     try:
         optim_state = torch.load(state_dir / OPTIM_FILE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(optim_state)
+        load_optimizer_state(optimizer, optim_state)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{state_dir / OPTIM_FILE}: cannot restore the optimiser ({e})") from None
     return info

@@ -291,7 +291,7 @@ def _train(cfg: AlignConfig, info: D.DistInfo) -> Path:
         val_set = SeededImages(open_source(cfg.data.root, cfg.data.val_split, cfg.data.format), eval_tf, cfg.seed)
 
     optimizer = build_optimizer(model.named_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
-                                cfg.optim.eps, cfg.optim.exclude_norm_bias_from_wd)
+                                cfg.optim.eps, cfg.optim.exclude_norm_bias_from_wd, fused=device.type == "cuda")
 
     # Resume or start
     resume_from = D.broadcast_object(_resume_source(cfg, run_dir), info)
