@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import tarfile
+import types
 
 import numpy as np
 import pytest
@@ -129,6 +131,50 @@ def test_killed_run_resumes_bit_identically(tmp_path, data, monkeypatch):
     ra = [r["loss"] for r in metrics(ref.parent) if "loss" in r]
     rb = [r["loss"] for r in metrics(run) if "loss" in r]
     assert ra == rb and len(rb) == 6
+
+
+class FakeWandb:
+    """Records what the trainer asks of `wandb` (not a CI dependency): init, log, finish."""
+
+    def __init__(self):
+        self.runs = []
+
+    def init(self, **kw):
+        run = types.SimpleNamespace(id=kw["id"] or f"run{len(self.runs)}", kw=kw, logged=[], exit_code=None)
+        run.log = lambda d, step=None: run.logged.append((step, d))
+        run.finish = lambda exit_code=0: setattr(run, "exit_code", exit_code)
+        self.runs.append(run)
+        return run
+
+
+def test_wandb_run_is_finished_on_a_crash_and_continued_on_resume(tmp_path, data, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    real = ME.reconstruction_loss
+    calls = {"n": 0}
+
+    def crash_on_call_7(*a, **k):  # step 3 (state saved at step 2)
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise Crash("simulated kill")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ME, "reconstruction_loss", crash_on_call_7)
+    with pytest.raises(Crash):
+        train(tiny_cfg(tmp_path, "--wandb", "true", "--wandb_project", "p"))
+    first = fake.runs[0]
+    assert first.kw["id"] is None and first.kw["project"] == "p" and first.exit_code == 1
+    assert [s for s, d in first.logged if "loss" in d] == [1, 2]
+    state = json.loads((tmp_path / "runs" / "demo" / "state" / "state.json").read_text())
+    assert state["wandb_run_id"] == "run0"
+
+    monkeypatch.setattr(ME, "reconstruction_loss", real)
+    out = train(tiny_cfg(tmp_path, "--wandb", "true", "--wandb_project", "p"))
+    second = fake.runs[1]
+    assert second.kw["id"] == "run0" and second.kw["resume"] == "allow" and second.exit_code == 0
+    assert [s for s, d in second.logged if "loss" in d] == [3, 4, 5, 6]
+    assert all(isinstance(v, (int, float)) for _, d in second.logged for v in d.values())
+    assert read_config(out)["training"]["wandb_run_id"] == "run0"
 
 
 def test_resume_with_a_different_config_fails_naming_the_field(tmp_path, data):

@@ -125,9 +125,16 @@ def data_transforms(cfg: AlignConfig, teacher: Teacher):
 
 
 class Metrics:
-    """metrics.jsonl (+ wandb when enabled and installed), main process only."""
+    """metrics.jsonl (+ wandb when enabled and installed), main process only.
 
-    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int], cfg: AlignConfig):
+    A resumed run continues the same wandb run: its id is kept in the training state. Steps the
+    crashed run had already logged past its last saved state are not logged again (wandb keeps
+    the first copy, which an exact resume reproduces anyway). Closed by the run's exit stack, so a
+    crash still finishes the wandb run (marked failed) and a later run in the process starts afresh.
+    """
+
+    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int], cfg: AlignConfig,
+                 wandb_run_id: Optional[str] = None):
         self.path, self.enabled, self.wandb = path, enabled, None
         if not enabled:
             return
@@ -144,7 +151,12 @@ class Metrics:
             except ImportError:
                 log.warning("wandb is enabled but not installed (pip install wandb); logging to %s only", path)
             else:
-                self.wandb = wandb.init(project=cfg.wandb_project, name=path.parent.name, config=to_dict(cfg), resume="allow")
+                self.wandb = wandb.init(project=cfg.wandb_project, name=path.parent.name, config=to_dict(cfg),
+                                        id=wandb_run_id, resume="allow")
+
+    @property
+    def wandb_run_id(self) -> Optional[str]:
+        return self.wandb.id if self.wandb is not None else None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -154,9 +166,16 @@ class Metrics:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
 
-    def close(self):
+    def close(self, failed: bool = False):
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else 0)
+            self.wandb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.close(failed=exc_type is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,13 +271,12 @@ def train(cfg: AlignConfig) -> Path:
     """Run (or resume) MaskEmbed training; returns the aligned checkpoint directory."""
     validate(cfg)
     info = D.setup(cfg.device)
-    try:
-        return _train(cfg, info)
-    finally:
-        D.teardown(info)
+    with contextlib.ExitStack() as cleanup:  # runs on success and on any crash
+        cleanup.callback(D.teardown, info)
+        return _train(cfg, info, cleanup)
 
 
-def _train(cfg: AlignConfig, info: D.DistInfo) -> Path:
+def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) -> Path:
     device = info.device
     if device.type == "cuda":  # the reference's settings (spec A.10)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -308,7 +326,7 @@ def _train(cfg: AlignConfig, info: D.DistInfo) -> Path:
             teacher.scale.fill_(scale_stats["scale"])
         log.info("resumed from %s at step %d/%d", resume_from, step, total_steps)
     else:
-        step, scale_stats, counters = 0, None, {}
+        step, scale_stats, counters, saved = 0, None, {}, {}
         if use_scale:
             with autocast():
                 scale_stats = estimate_target_scale(teacher, val_batches(cfg, val_set, sampler, info, device))
@@ -323,7 +341,8 @@ def _train(cfg: AlignConfig, info: D.DistInfo) -> Path:
         with open(run_dir / ".config.yaml.tmp", "w") as f:
             draccus.dump(cfg, f)
         os.replace(run_dir / ".config.yaml.tmp", run_dir / "config.yaml")
-    metrics = Metrics(run_dir / "metrics.jsonl", info.is_main, step if resume_from is not None else None, cfg)
+    metrics = cleanup.enter_context(Metrics(run_dir / "metrics.jsonl", info.is_main,
+                                            step if resume_from is not None else None, cfg, saved.get("wandb_run_id")))
     if info.is_main:
         log.info("run %s: %d train images, %d steps (%d/epoch), global batch %d = %d x %d accum x %d procs",
                  run_dir, len(train_set), total_steps, order.steps_per_epoch, cfg.global_batch, cfg.micro_batch,
@@ -343,7 +362,7 @@ def _train(cfg: AlignConfig, info: D.DistInfo) -> Path:
     def state_info(last_loss, val_loss) -> dict:
         return {"step": step, "epoch": step / order.steps_per_epoch, "total_steps": total_steps,
                 "target_scale": scale_stats, "config": cfg_dict, "world_size": info.world_size,
-                "last_loss": last_loss, "val_loss": val_loss,
+                "last_loss": last_loss, "val_loss": val_loss, "wandb_run_id": metrics.wandb_run_id or saved.get("wandb_run_id"),
                 "counters": {"skipped_images": skipped_total, "wall_time_s": wall_before + time.time() - t_start}}
 
     def save(last_loss, val_loss):
@@ -384,7 +403,6 @@ def _train(cfg: AlignConfig, info: D.DistInfo) -> Path:
             # steps are numbered as in metrics.jsonl: step k = the k-th optimiser update
             metrics.write({"step": step + 1, "event": "non_finite", "loss": step_loss, "grad_norm": gn})
             bar.close()
-            metrics.close()
             raise NonFiniteLoss(f"non-finite loss/gradient at step {step + 1} (loss {step_loss}, grad norm {gn}); "
                                 f"stopped before that update; {where}")
         optimizer.step()
@@ -433,7 +451,6 @@ def _train(cfg: AlignConfig, info: D.DistInfo) -> Path:
         _save_aligned(out, model, cfg, cfg_dict, summary)
         log.info("aligned checkpoint: %s", out)
     D.barrier(info)
-    metrics.close()
     return out
 
 
