@@ -10,7 +10,9 @@ from PIL import Image
 from prismatic_locality import checkpoint as C
 from prismatic_locality import maskembed as M
 from prismatic_locality.decoder import DecoderConfig, MaskEmbedDecoder
+from prismatic_locality.checkpoint import write_json
 from prismatic_locality.probe import compare as probe_compare
+from prismatic_locality.probe import labels as L
 from prismatic_locality.probe import run as probe_run
 from prismatic_locality.probe.backbone import Backbone, BackboneConfig
 from prismatic_locality.probe.datasets import ProbeDataset
@@ -181,6 +183,8 @@ def test_cli_ade20k_and_compare(tmp_path, capsys):
     assert f"| aligned | vit_tiny_patch16_224 | ade20k | linear | {lb:.2f} | {100 * b['global']['macro_recall']:.2f} | {lb - la:+.2f} | – |" in md
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
     assert (tmp_path / "cmp" / "compare_size.png").stat().st_size > 0
+    assert "## Local recall by class: aligned vs teacher" in md and "- classes: most improved" in md
+    assert (tmp_path / "cmp" / "compare_class_aligned.png").stat().st_size > 0
     assert probe_compare.main([str(tmp_path / "missing")]) == 2
     assert "probe results not found" in capsys.readouterr().err
 
@@ -302,3 +306,31 @@ def test_empty_split_and_missing_dirs(tmp_path):
     (root / "val" / "labels" / "00000.png").write_bytes((root / "train" / "labels" / "00000.png").read_bytes())
     with pytest.raises(ValueError, match="train split has 2 images, fewer than one batch"):
         run_probe(cfg)
+
+
+def coco_results(name: str, recall: dict) -> dict:
+    """A results.json as run_probe writes it, COCO-Stuff, local only: `recall` = {class id: recall}."""
+    n = len(L.COCO_STUFF_CLASSES)
+    per_class = [recall.get(c) for c in range(n)]
+    return {"backbone": {"name": name}, "config": {"head": {"kind": "transformer"}},
+            "dataset": {"name": "coco-stuff", "num_classes": n, "class_names": list(L.COCO_STUFF_CLASSES)},
+            "local": {"macro_recall": sum(v for v in per_class if v is not None) / len(recall),
+                      "per_class_recall": per_class, "val_positives": [int(v is not None) for v in per_class]}}
+
+
+def test_compare_ranks_class_changes_within_things_and_stuff(tmp_path):
+    # person (1) +0.20, cup (47) +0.30, bottle (44) -0.10, grass (124) +0.05, sky-other (157) -0.20;
+    # class 12 (street sign, never annotated) has no recall in either run
+    ref = {1: 0.5, 47: 0.2, 44: 0.6, 124: 0.7, 157: 0.9}
+    run = {1: 0.7, 47: 0.5, 44: 0.5, 124: 0.75, 157: 0.7, 12: 0.4}
+    for name, rec in (("teacher", ref), ("aligned", run)):
+        write_json(tmp_path / name / "results.json", coco_results(name, rec))
+    deltas = probe_compare.class_deltas(coco_results("t", ref), coco_results("a", run))
+    assert [r["class_id"] for r in deltas] == [1, 44, 47, 124, 157]
+    assert [round(r["delta"], 6) for r in deltas] == [0.2, -0.1, 0.3, 0.05, -0.2]
+    table = probe_compare.compare([str(tmp_path / "teacher"), str(tmp_path / "aligned")], tmp_path / "cmp")
+    assert "Improved on 3 of 5 classes, declined on 2; median Δ +5.00 (points)." in table
+    assert "- things: most improved cup (+30.0), person (+20.0); most declined bottle (-10.0)" in table
+    assert "- stuff: most improved grass (+5.0); most declined sky-other (-20.0)" in table
+    assert (tmp_path / "cmp" / "compare_class_aligned.png").stat().st_size > 0
+    assert table in (tmp_path / "cmp" / "compare.md").read_text()

@@ -2,19 +2,25 @@
 
 Prints a markdown table (local / global macro recall, and the change against the first run, e.g.
 teacher vs aligned) and writes ``compare.md``, ``compare.png`` (grouped bars) and, when the runs
-have local object-size strata, ``compare_size.png`` (paper Fig. 8) to ``--out``.
+have local object-size strata, ``compare_size.png`` (paper Fig. 8) to ``--out``. For every run
+probed on the same classes as the first, ``compare_class_<name>.png`` (paper Fig. 7) shows the
+change of local recall per class, and ``compare.md`` names the most improved and declined classes
+(COCO-Stuff ranks things and stuff separately).
 Arguments may be results.json files or the run directories that contain one.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Optional
 
 from ..checkpoint import read_json, write_text
 from . import plots
+from .labels import class_kinds
 
 
 def load_results(path: str | os.PathLike) -> dict:
@@ -55,6 +61,40 @@ def markdown_table(runs: list[dict], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def class_deltas(ref: dict, run: dict, task: str = "local") -> list[dict]:
+    """Per-class recall change of `run` against `ref`, over the classes with val positives in both."""
+    a, b = ref[task]["per_class_recall"], run[task]["per_class_recall"]
+    return [{"class_id": c, "class": name, "ref": a[c], "run": b[c], "delta": b[c] - a[c]}
+            for c, name in enumerate(ref["dataset"]["class_names"]) if a[c] is not None and b[c] is not None]
+
+
+def _comparable_classes(ref: dict, run: dict, task: str = "local") -> bool:
+    names = ref.get("dataset", {}).get("class_names")
+    return (bool(names) and names == run.get("dataset", {}).get("class_names")
+            and "per_class_recall" in ref.get(task, {}) and "per_class_recall" in run.get(task, {}))
+
+
+def _listed(rows: list[dict]) -> str:
+    return ", ".join(f"{r['class']} ({100 * r['delta']:+.1f})" for r in rows) or "–"
+
+
+def class_summary(deltas: list[dict], kinds: dict[str, range], name: str, ref_name: str, top: int = 5) -> str:
+    """Markdown: how many classes improved, and per kind the most improved and declined."""
+    head = f"## Local recall by class: {name} vs {ref_name}"
+    if not deltas:
+        return f"{head}\n\nNo class has val positives in both runs."
+    d = [r["delta"] for r in deltas]
+    lines = [head, "", f"Improved on {sum(x > 0 for x in d)} of {len(d)} classes, declined on "
+                       f"{sum(x < 0 for x in d)}; median Δ {100 * statistics.median(d):+.2f} (points).", ""]
+    for kind, ids in kinds.items():
+        rows = sorted((r for r in deltas if r["class_id"] in ids), key=lambda r: r["delta"])
+        if rows:
+            improved = [r for r in reversed(rows) if r["delta"] > 0][:top]
+            declined = [r for r in rows if r["delta"] < 0][:top]
+            lines.append(f"- {kind}: most improved {_listed(improved)}; most declined {_listed(declined)}")
+    return "\n".join(lines)
+
+
 def compare(paths: list[str], out: str | os.PathLike, names: Optional[list[str]] = None) -> str:
     runs = [load_results(p) for p in paths]
     if names is None:
@@ -68,6 +108,16 @@ def compare(paths: list[str], out: str | os.PathLike, names: Optional[list[str]]
     if len(datasets) > 1:
         table += f"\n\nWarning: the runs use different datasets ({', '.join(sorted(map(str, datasets)))})."
     out = Path(out)
+    ref = runs[0]
+    for name, r in zip(names[1:], runs[1:]):
+        if not _comparable_classes(ref, r):
+            continue
+        deltas = class_deltas(ref, r)
+        kinds = class_kinds(ref["dataset"].get("name", ""), len(ref["dataset"]["class_names"]))
+        table += "\n\n" + class_summary(deltas, kinds, name, names[0])
+        if deltas:
+            plots.plot_class_deltas(deltas, kinds, out / f"compare_class_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.png",
+                                    title=f"local recall by class: {name} − {names[0]}")
     write_text(out / "compare.md", table + "\n")
     plots.plot_compare(names, [_recall(r, "local") for r in runs], [_recall(r, "global") for r in runs],
                        out / "compare.png")

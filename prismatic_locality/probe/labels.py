@@ -134,3 +134,11 @@ ADE20K_CLASSES = (
 )
 
 assert len(COCO_STUFF_CLASSES) == 183 and len(ADE20K_CLASSES) == 151
+
+
+def class_kinds(dataset: str, num_classes: int) -> dict[str, range]:
+    """Groups of class ids whose improvements are ranked separately (paper Fig. 7): COCO-Stuff's
+    things (ids 1-91) and stuff (92-182); one group of all classes for the other datasets."""
+    if dataset == "coco-stuff" and num_classes == len(COCO_STUFF_CLASSES):
+        return {"things": range(1, 92), "stuff": range(92, 183)}
+    return {"classes": range(num_classes)}

@@ -1,5 +1,5 @@
 """Figures people look at: recall by object size (paper Fig. 8), qualitative predictions (Fig. 3),
-and runs side by side. Matplotlib with the Agg backend; files written atomically."""
+per-class changes (Fig. 7) and runs side by side. Matplotlib with the Agg backend; files written atomically."""
 from __future__ import annotations
 
 import math
@@ -104,4 +104,39 @@ def plot_compare(names: Sequence[str], local: Sequence[float | None], global_: S
     ax.legend(fontsize=8)
     ax.set_title(title or "probing: local and global macro recall")
     ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_class_deltas(deltas: Sequence[dict], kinds: dict[str, range], path: str | os.PathLike,
+                      title: str = "", top: int = 10) -> Path:
+    """Paper Fig. 7: every class's recall change, sorted (top), and the `top` most improved
+    classes of each kind (bottom; COCO-Stuff: things and stuff)."""
+    kind_of = {c: k for k, ids in kinds.items() for c in ids}
+    colours = {k: f"C{i}" for i, k in enumerate(kinds)}
+    rows = sorted(deltas, key=lambda r: -r["delta"])
+    fig = plt.figure(figsize=(max(7.0, 3.2 * len(kinds)), 6.2))
+    grid = fig.add_gridspec(2, len(kinds), height_ratios=(1, 1.1))
+    ax = fig.add_subplot(grid[0, :])
+    ax.bar(range(len(rows)), [100 * r["delta"] for r in rows], width=1.0,
+           color=[colours.get(kind_of.get(r["class_id"]), "grey") for r in rows])
+    if len(rows) <= 30:  # names fit only for small label sets
+        ax.set_xticks(range(len(rows)), [r["class"] for r in rows], rotation=60, ha="right", fontsize=7)
+    else:
+        ax.set_xticks([])
+        ax.set_xlabel(f"{len(rows)} classes, sorted")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_ylabel("Δ recall (points)")
+    if len(kinds) > 1:
+        ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()], labels=list(colours),
+                  fontsize=8)
+    ax.set_title(title or "local recall change by class")
+    for i, (kind, ids) in enumerate(kinds.items()):
+        sub = fig.add_subplot(grid[1, i])
+        best = [r for r in rows if r["class_id"] in ids][:top][::-1]  # largest at the top
+        sub.barh(range(len(best)), [100 * r["delta"] for r in best], color=colours[kind])
+        sub.set_yticks(range(len(best)), [r["class"] for r in best], fontsize=7)
+        sub.axvline(0, color="black", lw=0.6)
+        sub.set_xlabel("Δ recall (points)", fontsize=8)
+        sub.set_title(f"most improved {kind}", fontsize=9)
+    fig.tight_layout()
     return save_figure(fig, path)
