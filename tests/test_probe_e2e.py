@@ -189,6 +189,23 @@ def test_cli_ade20k_and_compare(tmp_path, capsys):
     assert "probe results not found" in capsys.readouterr().err
 
 
+def test_intervention_view_is_run_recorded_and_validated_early(tmp_path, capsys):
+    root = write_ade(tmp_path / "ade")
+    common = ["--dataset", "ade20k", "--data.root", str(root), "--data.num_workers", "0",
+              "--backbone", TINY_NAME, "--backbone.pretrained", "false",
+              "--backbone.timm_kwargs", json.dumps(dict(TINY_KW, depth=2)),
+              "--optim.batch_size", "4", "--optim.epochs", "1", "--optim.warmup_steps", "2",
+              "--cache_dir", str(tmp_path / "cache"), "--device", "cpu", "--figure_images", "1", "--threads", "1",
+              "--head.view", "cls", "--output_dir", str(tmp_path / "cls")]
+    assert probe_run.main(common) == 2  # task defaults to both: refused before any feature extraction
+    assert "use --task local --head.kind transformer" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+    assert probe_run.main(common + ["--task", "local"]) == 0
+    r = json.loads((tmp_path / "cls" / "results.json").read_text())
+    assert r["config"]["head"]["view"] == "cls" and r["local"]["view"] == "cls" and "global" not in r
+    assert "transformer head, cls view)" in r["summary"]
+
+
 def test_aligned_checkpoint_backbone_and_demo_layout(tmp_path):
     root = write_demo(tmp_path / "scenes")
     vit = tiny_vit("clip")

@@ -138,6 +138,36 @@ def test_head_shapes(kind, prefix):
     assert glob(x).shape == (2, 5)
 
 
+@pytest.mark.parametrize("prefix", [1, 0])
+def test_intervention_views_see_only_what_they_should(prefix):
+    """Paper Fig. 9 (right): `cls` sees the CLS token (mean without a prefix), `anonymous` every token
+    without positions; both predict from per-patch queries. `full` is position-aware."""
+    torch.manual_seed(0)
+    T, P = prefix + 16, 16
+    kw = dict(num_tokens=T, num_prefix=prefix, dim=48, num_heads=3, num_classes=5)
+    heads = {v: build_head("transformer", "local", view=v, **kw).eval() for v in ("full", "cls", "anonymous")}
+    x = torch.randn(2, T, 48)
+    perm = torch.cat([torch.arange(prefix), prefix + torch.randperm(P)])  # shuffle the patch tokens
+    with torch.no_grad():
+        y = {v: h(x) for v, h in heads.items()}
+        assert all(out.shape == (2, P, 5) for out in y.values())
+        assert torch.allclose(heads["anonymous"](x[:, perm]), y["anonymous"], atol=1e-5)
+        assert torch.allclose(heads["cls"](x[:, perm]), y["cls"], atol=1e-5)
+        assert not torch.allclose(heads["full"](x[:, perm]), y["full"], atol=1e-3)
+        if prefix:  # the patch tokens are invisible to the cls view, and only to it
+            x2 = x.clone()
+            x2[:, prefix:] = torch.randn(2, P, 48)
+            assert torch.allclose(heads["cls"](x2), y["cls"], atol=1e-6)
+            assert not torch.allclose(heads["anonymous"](x2), y["anonymous"], atol=1e-3)
+    assert heads["cls"].pos_embed.shape == (1, P, 48)  # one query per patch
+    with pytest.raises(ValueError, match="local probing"):
+        build_head("transformer", "global", view="cls", **kw)
+    with pytest.raises(ValueError, match="needs the transformer head"):
+        build_head("mlp", "local", view="anonymous", **kw)
+    with pytest.raises(ValueError, match="head view must be one of"):
+        build_head("transformer", "local", view="blind", **kw)
+
+
 def test_transformer_head_matches_reference_recipe():
     h = build_head("transformer", "local", num_tokens=17, num_prefix=1, dim=48, num_heads=3, num_classes=5)
     assert len(h.blocks) == 2

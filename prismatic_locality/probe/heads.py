@@ -11,6 +11,14 @@ Every head takes the backbone's whole token sequence (B, T, D) and returns logit
 - `LinearHead`: Linear(D, C) per token.
 MLP and linear heads see patch tokens only (local) or the CLS token = mean of the prefix tokens,
 or the mean of all tokens without a prefix (global).
+
+Interventions (paper B.2, Fig. 9 right; transformer head, local task): how much of the probe's
+success depends on each patch embedding knowing its own contents? `view` decides what the head sees.
+- `full` (default): the token sequence plus the head's pos-embed, predictions at the patch tokens.
+- `cls`: only the CLS token (the mean of the prefix tokens; of all tokens without a prefix).
+- `anonymous`: every token, but without the pos-embed, so the head cannot tell which token came
+  from where; predictions come from separate query tokens (the pos-embed of the patch positions).
+In both interventions the sequence is [what is seen] + [one query per patch].
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from timm.models.vision_transformer import Block
 
 HEADS = ("transformer", "mlp", "linear")
 TASKS = ("local", "global")
+VIEWS = ("full", "cls", "anonymous")
 
 
 def _check_task(task: str) -> None:
@@ -27,13 +36,23 @@ def _check_task(task: str) -> None:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
+def pool_prefix(tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """(B, D): the CLS token (mean of the prefix tokens), or the mean of all tokens without a prefix."""
+    return tokens[:, :num_prefix].mean(1) if num_prefix else tokens.mean(1)
+
+
 class TransformerHead(nn.Module):
     def __init__(self, num_tokens: int, num_prefix: int, dim: int, num_heads: int, num_classes: int,
-                 task: str, depth: int = 2, layer_scale: float = 0.01):
+                 task: str, depth: int = 2, layer_scale: float = 0.01, view: str = "full"):
         super().__init__()
         _check_task(task)
-        self.task, self.num_prefix = task, num_prefix
-        self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
+        if view not in VIEWS:
+            raise ValueError(f"head view must be one of {VIEWS}, got {view!r}")
+        if view != "full" and task != "local":
+            raise ValueError(f"head view {view!r} is an intervention on local probing; use task local")
+        self.task, self.num_prefix, self.view = task, num_prefix, view
+        # full: added to every token; interventions: the patch positions' prediction queries
+        self.pos_embed = nn.Parameter(torch.randn(1, num_tokens if view == "full" else num_tokens - num_prefix, dim) * 0.02)
         self.norm_pre = nn.LayerNorm(dim)
         self.blocks = nn.Sequential(*[
             Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=False, init_values=layer_scale,
@@ -44,11 +63,15 @@ class TransformerHead(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.blocks(self.norm_pre(tokens + self.pos_embed)))
-        if self.task == "local":
-            return self.head(x[:, self.num_prefix:])
-        pooled = x[:, : self.num_prefix].mean(1) if self.num_prefix else x.mean(1)
-        return self.head(pooled)
+        if self.view == "full":
+            x = tokens + self.pos_embed
+        else:
+            seen = pool_prefix(tokens, self.num_prefix)[:, None] if self.view == "cls" else tokens
+            x = torch.cat([seen, self.pos_embed.expand(len(tokens), -1, -1)], 1)
+        x = self.norm(self.blocks(self.norm_pre(x)))
+        if self.task == "local":  # the patch positions come last in every view
+            return self.head(x[:, -(tokens.shape[1] - self.num_prefix):])
+        return self.head(pool_prefix(x, self.num_prefix))
 
 
 class TokenHead(nn.Module):
@@ -62,14 +85,16 @@ class TokenHead(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.task == "local":
             return self.net(tokens[:, self.num_prefix:])
-        pooled = tokens[:, : self.num_prefix].mean(1) if self.num_prefix else tokens.mean(1)
-        return self.net(pooled)
+        return self.net(pool_prefix(tokens, self.num_prefix))
 
 
 def build_head(kind: str, task: str, *, num_tokens: int, num_prefix: int, dim: int, num_heads: int,
-               num_classes: int, depth: int = 2, hidden: int = 1024, layer_scale: float = 0.01) -> nn.Module:
+               num_classes: int, depth: int = 2, hidden: int = 1024, layer_scale: float = 0.01,
+               view: str = "full") -> nn.Module:
     if kind == "transformer":
-        return TransformerHead(num_tokens, num_prefix, dim, num_heads, num_classes, task, depth, layer_scale)
+        return TransformerHead(num_tokens, num_prefix, dim, num_heads, num_classes, task, depth, layer_scale, view)
+    if view != "full":
+        raise ValueError(f"head view {view!r} needs the transformer head (got {kind!r})")
     if kind == "mlp":
         return TokenHead(nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes)), num_prefix, task)
     if kind == "linear":

@@ -37,6 +37,7 @@ from . import plots
 from .backbone import Backbone, BackboneConfig, load_backbone
 from .datasets import DATASETS, ProbeDataset
 from .features import ProbeSplit, build_split
+from .heads import VIEWS
 from .labels import unpack
 from .metrics import size_stratified_recall
 from .train import HeadConfig, OptimConfig, fit_probe, predict
@@ -106,7 +107,12 @@ def summary_line(results: dict) -> str:
             parts.append(f"{task} {100 * r['macro_recall']:.2f}% (epoch {r['best_epoch']}/{len(r['epochs'])})")
     d = results["dataset"]
     return (f"probe {results['backbone']['name']} on {d['name']} ({d['num_train']} train / {d['num_val']} val, "
-            f"{results['config']['head']['kind']} head): macro recall " + ", ".join(parts))
+            f"{_head_name(results['config']['head'])}): macro recall " + ", ".join(parts))
+
+
+def _head_name(head: dict) -> str:
+    view = head.get("view", "full")
+    return f"{head['kind']} head" + ("" if view == "full" else f", {view} view")
 
 
 def run_probe(cfg: ProbeConfig, backbone: Optional[Backbone] = None) -> dict:
@@ -128,6 +134,11 @@ def _run_probe(cfg: ProbeConfig, backbone: Optional[Backbone]) -> dict:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
     if not cfg.data.root:
         raise ValueError("data.root is required (--data.root DIR)")
+    if cfg.head.view not in VIEWS:
+        raise ValueError(f"head.view must be one of {' | '.join(VIEWS)}, got {cfg.head.view!r}")
+    if cfg.head.view != "full" and (cfg.task != "local" or cfg.head.kind != "transformer"):
+        raise ValueError(f"head.view {cfg.head.view} is an intervention on local probing with the transformer head: "
+                         f"use --task local --head.kind transformer")
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     if backbone is None:

@@ -35,6 +35,7 @@ class HeadConfig:
     depth: int = 2              # transformer layers
     hidden: int = 1024          # MLP hidden size
     layer_scale: float = 0.01   # transformer LayerScale init
+    view: str = "full"          # full | cls | anonymous: the paper's Fig. 9 interventions (heads.py)
 
 
 @dataclass
@@ -83,7 +84,7 @@ def fit_probe(train: ProbeSplit, val: ProbeSplit, task: str, num_heads: int, hea
     torch.manual_seed(seed)
     head = build_head(head_cfg.kind, task, num_tokens=T, num_prefix=num_prefix, dim=D, num_heads=num_heads,
                       num_classes=train.num_classes, depth=head_cfg.depth, hidden=head_cfg.hidden,
-                      layer_scale=head_cfg.layer_scale).to(device)
+                      layer_scale=head_cfg.layer_scale, view=head_cfg.view).to(device)
     if optim.precision not in ("fp32", "bf16"):
         raise ValueError(f"optim.precision must be fp32 | bf16, got {optim.precision!r}")
     bf16 = optim.precision == "bf16"
@@ -130,6 +131,7 @@ def fit_probe(train: ProbeSplit, val: ProbeSplit, task: str, num_heads: int, hea
     result = {
         "task": task,
         "head": head_cfg.kind,
+        "view": head_cfg.view,
         "macro_recall": history[b]["macro_recall"],
         "best_epoch": b + 1,
         "epochs": history,
