@@ -362,7 +362,8 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
     def state_info(last_loss, val_loss) -> dict:
         return {"step": step, "epoch": step / order.steps_per_epoch, "total_steps": total_steps,
                 "target_scale": scale_stats, "config": cfg_dict, "world_size": info.world_size,
-                "last_loss": last_loss, "val_loss": val_loss, "wandb_run_id": metrics.wandb_run_id or saved.get("wandb_run_id"),
+                "last_loss": last_loss, "val_loss": val_loss,
+                "wandb_run_id": metrics.wandb_run_id or saved.get("wandb_run_id"),
                 "counters": {"skipped_images": skipped_total, "wall_time_s": wall_before + time.time() - t_start}}
 
     def save(last_loss, val_loss):

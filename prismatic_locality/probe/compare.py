@@ -53,7 +53,8 @@ def markdown_table(runs: list[dict], names: list[str]) -> str:
     for name, r in zip(names, runs):
         loc, glo = _recall(r, "local"), _recall(r, "global")
         head_cfg = r.get("config", {}).get("head", {})
-        head = head_cfg.get("kind", "?") + ("" if head_cfg.get("view", "full") == "full" else f" ({head_cfg['view']} view)")
+        view = head_cfg.get("view", "full")
+        head = head_cfg.get("kind", "?") + ("" if view == "full" else f" ({view} view)")
         ds = r.get("dataset", {}).get("name", "?")
         lines.append(f"| {name} | {r['backbone'].get('name', '?')} | {ds} | {head} | {_pct(loc)} | {_pct(glo)} | "
                      f"{_delta(loc, _recall(ref, 'local'))} | {_delta(glo, _recall(ref, 'global'))} |")
