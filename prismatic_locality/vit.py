@@ -124,6 +124,10 @@ class ViTSpec:
 def vit_spec(model: nn.Module) -> ViTSpec:
     blk = model.blocks[0]
     attn = blk.attn
+    if not hasattr(attn, "qkv") or not hasattr(blk.mlp, "fc1"):  # e.g. EVA02: q/k/v projections, SwiGLU
+        raise ValueError(f"{type(model).__name__} blocks ({type(attn).__name__}, {type(blk.mlp).__name__}) are not "
+                         "supported: a fused qkv projection and a two-layer MLP are expected, as in timm's "
+                         "VisionTransformer and Beit")
     img_size = model.patch_embed.img_size
     patch_size = model.patch_embed.patch_size
     if img_size[0] != img_size[1] or patch_size[0] != patch_size[1]:
