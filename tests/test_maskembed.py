@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from prismatic_locality import vit as V
 from prismatic_locality.decoder import DecoderConfig, MaskEmbedDecoder
 from prismatic_locality.maskembed import (MaskEmbed, Teacher, aligned_features, default_decoder_config, encode,
-                                          estimate_target_scale, make_encoder, reconstruction_loss)
+                                          estimate_target_scale, make_encoder, reconstruction_loss,
+                                          train_flops_per_image)
 from prismatic_locality.masks import UniformMaskSampler, step_generator
 
 from conftest import tiny_vit
@@ -177,3 +178,32 @@ def test_maskembed_learns():
         losses.append(loss.item())
     assert losses[0] > 0.8  # ~1 at init: unit-variance targets
     assert sum(losses[-5:]) / 5 < 0.6 * losses[0]
+
+
+def test_analytic_flops_match_what_torch_counts():
+    """The MFU numerator: `train_flops_per_image` against torch's FlopCounterMode over a real
+    forward + backward (explicit attention everywhere, so its matmuls are counted too)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    counted = {}
+    for masking in ("pixel", "token"):
+        vit = tiny_vit("clip")
+        teacher = Teacher(copy.deepcopy(vit), masking=masking)
+        encoder = make_encoder(copy.deepcopy(vit), teacher.spec.embed_dim, attn_impl="math")
+        decoder = MaskEmbedDecoder(default_decoder_config(teacher.spec, V.vit_spec(encoder)))
+        V.set_fused_attention(teacher.vit, False)
+        V.set_fused_attention(decoder, False)
+        model = MaskEmbed(encoder, decoder, teacher)
+        s, b = teacher.spec, 2
+        sampler = UniformMaskSampler(s.num_patches)
+        with FlopCounterMode(display=False) as fc:
+            model(images(s, b), sampler(b, step_generator(0, 0, torch.device("cpu")))).backward()
+        counted[masking] = fc.get_total_flops() / b
+    analytic = train_flops_per_image(s, V.vit_spec(encoder), decoder.cfg, sampler.masks_per_image)["total"]
+    patch_embed = 2 * s.num_patches * 3 * s.patch_size**2 * s.embed_dim
+    # exact but for one term: "backward = 2 x forward" also counts the gradient of the encoder's
+    # input images, which nothing needs and autograd does not compute
+    assert analytic - counted["pixel"] == patch_embed
+    # token-level masking embeds each image once, not once per view
+    assert counted["token"] < counted["pixel"]
