@@ -25,3 +25,12 @@ def tiny_vit(kind: str = "clip", seed: int = 0):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core box: OpenMP threads spin-waiting on each other cost 10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

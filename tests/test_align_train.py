@@ -56,13 +56,23 @@ class Crash(Exception):
     pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: OpenMP threads spin-waiting on each other cost 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def crash_at_loss_call(monkeypatch, n: int):
+    """Make the n-th reconstruction loss of this process raise Crash (a simulated kill); returns the
+    real loss function to restore. The tiny runs make 2 loss calls per step (micro-batch 4 of 8)."""
+    real = ME.reconstruction_loss
+    calls = {"n": 0}
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Crash("simulated kill")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ME, "reconstruction_loss", crashing)
+    return real
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -103,16 +113,7 @@ def test_bf16_autocast_on_cpu_trains(tmp_path, data):
 def test_killed_run_resumes_bit_identically(tmp_path, data, monkeypatch):
     ref = train(tiny_cfg(tmp_path, "--run_name", "ref"))
 
-    real = ME.reconstruction_loss
-    calls = {"n": 0}
-
-    def crash_on_call_7(*a, **k):  # train calls: 2 per step; step 3's 2nd micro-batch (state saved at step 2)
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise Crash("simulated kill")
-        return real(*a, **k)
-
-    monkeypatch.setattr(ME, "reconstruction_loss", crash_on_call_7)
+    real = crash_at_loss_call(monkeypatch, 7)  # step 3's 2nd micro-batch (state saved at step 2)
     with pytest.raises(Crash):
         train(tiny_cfg(tmp_path, "--run_name", "crash"))
     run = tmp_path / "runs" / "crash"
@@ -150,16 +151,7 @@ class FakeWandb:
 def test_wandb_run_is_finished_on_a_crash_and_continued_on_resume(tmp_path, data, monkeypatch):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    real = ME.reconstruction_loss
-    calls = {"n": 0}
-
-    def crash_on_call_7(*a, **k):  # step 3 (state saved at step 2)
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise Crash("simulated kill")
-        return real(*a, **k)
-
-    monkeypatch.setattr(ME, "reconstruction_loss", crash_on_call_7)
+    real = crash_at_loss_call(monkeypatch, 7)  # in step 3 (state saved at step 2)
     with pytest.raises(Crash):
         train(tiny_cfg(tmp_path, "--wandb", "true", "--wandb_project", "p"))
     first = fake.runs[0]

@@ -157,13 +157,17 @@ def test_coco_end_to_end_and_cache_reuse(tmp_path):
     assert len(list((tmp_path / "cache").glob("features-*"))) == 4
 
 
+def ade_cli(tmp_path, epochs: int) -> list[str]:
+    """`locality probe` arguments for a tiny random backbone on a fresh ADE20k fixture."""
+    return ["--dataset", "ade20k", "--data.root", str(write_ade(tmp_path / "ade")), "--data.num_workers", "0",
+            "--backbone", TINY_NAME, "--backbone.pretrained", "false",
+            "--backbone.timm_kwargs", json.dumps(dict(TINY_KW, depth=2)),
+            "--optim.batch_size", "4", "--optim.epochs", str(epochs), "--optim.warmup_steps", "2",
+            "--cache_dir", str(tmp_path / "cache"), "--device", "cpu", "--figure_images", "1", "--threads", "1"]
+
+
 def test_cli_ade20k_and_compare(tmp_path, capsys):
-    root = write_ade(tmp_path / "ade")
-    common = ["--dataset", "ade20k", "--data.root", str(root), "--data.num_workers", "0",
-              "--backbone", TINY_NAME, "--backbone.pretrained", "false",
-              "--backbone.timm_kwargs", json.dumps(dict(TINY_KW, depth=2)),
-              "--optim.batch_size", "4", "--optim.epochs", "2", "--optim.warmup_steps", "2",
-              "--cache_dir", str(tmp_path / "cache"), "--device", "cpu", "--figure_images", "1", "--threads", "1"]
+    common = ade_cli(tmp_path, epochs=2)
     assert probe_run.main(common + ["--output_dir", str(tmp_path / "a"), "--task", "local"]) == 0
     assert probe_run.main(common + ["--output_dir", str(tmp_path / "b"), "--head.kind", "linear",
                                     "--backbone.init_seed", "1"]) == 0
@@ -190,13 +194,7 @@ def test_cli_ade20k_and_compare(tmp_path, capsys):
 
 
 def test_intervention_view_is_run_recorded_and_validated_early(tmp_path, capsys):
-    root = write_ade(tmp_path / "ade")
-    common = ["--dataset", "ade20k", "--data.root", str(root), "--data.num_workers", "0",
-              "--backbone", TINY_NAME, "--backbone.pretrained", "false",
-              "--backbone.timm_kwargs", json.dumps(dict(TINY_KW, depth=2)),
-              "--optim.batch_size", "4", "--optim.epochs", "1", "--optim.warmup_steps", "2",
-              "--cache_dir", str(tmp_path / "cache"), "--device", "cpu", "--figure_images", "1", "--threads", "1",
-              "--head.view", "cls", "--output_dir", str(tmp_path / "cls")]
+    common = ade_cli(tmp_path, epochs=1) + ["--head.view", "cls", "--output_dir", str(tmp_path / "cls")]
     assert probe_run.main(common) == 2  # task defaults to both: refused before any feature extraction
     assert "use --task local --head.kind transformer" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
