@@ -28,6 +28,7 @@ from .maskembed import make_encoder
 FORMAT = "prismatic-locality/aligned-v1"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"  # a Hugging Face model card, so the directory can be uploaded as it is
 
 
 class CheckpointError(ValueError):
@@ -141,9 +142,59 @@ def save_aligned(out_dir: str | os.PathLike, encoder: nn.Module, decoder: MaskEm
     def write(tmp: Path):
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
         write_json(tmp / CONFIG_NAME, config)
+        (tmp / CARD_NAME).write_text(model_card(config))
 
     atomic_dir_write(Path(out_dir), write)
     return Path(out_dir)
+
+
+def model_card(config: dict) -> str:
+    """A Hugging Face model card for an aligned checkpoint, from its config.json alone (the
+    fields besides encoder/decoder are free-form, so each is used only when it has the expected shape)."""
+    enc = config["encoder"]
+    tag = enc["pretrained_tag"]
+    teacher = config.get("teacher")
+    if isinstance(teacher, dict):  # what the trainer writes: model, weights (a local file or None), ...
+        teacher = Path(teacher["weights"]).name if teacher.get("weights") else teacher.get("model")
+    training = config.get("training") if isinstance(config.get("training"), dict) else {}
+    source = config.get("converted_from") if isinstance(config.get("converted_from"), dict) else {}
+    meta = ["library_name: prismatic-locality", "tags: [locality-alignment, maskembed, vision-transformer, timm]"]
+    if "." in tag and teacher in (None, tag):  # the teacher's weights are a timm hub tag
+        meta.append(f"base_model: timm/{tag}")
+    rows = [("architecture", f"`{enc['model']}`: {enc['img_size']} px, patch {enc['patch_size']}, width "
+                             f"{enc['embed_dim']}, {enc['depth']} blocks, {enc['num_tokens']} output tokens"),
+            ("teacher", f"`{teacher}`" if teacher else None),
+            ("target", f"`{config['target']}`" if isinstance(config.get("target"), str) else None),
+            ("recipe", f"`{config['recipe']}`" if isinstance(config.get("recipe"), str) else None),
+            ("training", f"{training['step']} steps, last loss {training['last_loss']:.4g}"
+             if isinstance(training.get("step"), int) and isinstance(training.get("last_loss"), float) else None),
+            ("converted from", f"`{Path(str(source['file'])).name}`" if source.get("file") else None),
+            ("attention soft-cap", str(enc["softcap"])),
+            ("decoder", f"{config['decoder']['depth']} blocks, width {config['decoder']['width']}")]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows if v is not None)
+    return f"""---
+{chr(10).join(meta)}
+---
+
+# {tag}, locality-aligned with MaskEmbed
+
+A vision transformer post-trained with MaskEmbed (*Locality Alignment Improves Vision-Language
+Models*, Covert et al., ICLR 2025) so that its patch tokens encode what is where. The encoder
+f_θ and the decoder g_ψ (reusable as a VLM adapter) are in `{WEIGHTS_NAME}`; `{CONFIG_NAME}`
+holds the architecture and how it was trained.
+
+| | |
+|---|---|
+{table}
+
+```python
+from prismatic_locality.checkpoint import load_aligned
+model = load_aligned("path/to/this/dir")     # .encoder, .decoder, .config
+```
+
+In Prismatic: `prismatic_locality.prismatic.register_checkpoint("<backbone id>", "hf://<owner>/<repo>")`
+or `$PRISMATIC_LOCALITY_CKPT_ROOT/<backbone id>/`.
+"""
 
 
 def read_json(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> Any:

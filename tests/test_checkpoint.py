@@ -43,6 +43,32 @@ def test_round_trip(tmp_path, kind):
     assert isinstance(a.encoder.blocks[0].attn, V.SoftCapAttention)
 
 
+def test_model_card_describes_the_checkpoint_from_its_config(tmp_path):
+    enc, dec = trained_pair()
+    name, kw = TINY["clip"]
+    # as the trainer writes it: teacher weights from the hub tag, a training summary
+    out = save_aligned(tmp_path / "hub", enc, dec, model_name=name + ".openai", softcap=30.0, timm_kwargs=kw,
+                       extra={"teacher": {"model": name + ".openai", "weights": None, "target": "penultimate"},
+                              "target": "penultimate", "recipe": "clip-l-336",
+                              "training": {"step": 1200, "epoch": 5.0, "last_loss": 0.0421}})
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    assert f"base_model: timm/{name}.openai" in front and "library_name: prismatic-locality" in front
+    s = V.vit_spec(enc)
+    assert f"| architecture | `{name}`: {s.img_size} px, patch {s.patch_size}, width {s.embed_dim}, " in card
+    assert "| recipe | `clip-l-336` |" in card and "| training | 1200 steps, last loss 0.0421 |" in card
+    assert "| decoder | 2 blocks, width 24 |" in card and "load_aligned(" in card
+    # a local teacher file: no hub base model, and the card names the file, not the local path
+    out = save_aligned(tmp_path / "local", enc, dec, model_name=name + ".openai", softcap=30.0, timm_kwargs=kw,
+                       extra={"teacher": {"model": name, "weights": "/secret/dir/teacher.safetensors"}})
+    card = (out / "README.md").read_text()
+    assert "base_model" not in card and "| teacher | `teacher.safetensors` |" in card and "/secret" not in card
+    # free-form extras of other shapes are left out, not a crash
+    out = save_aligned(tmp_path / "odd", enc, dec, model_name=name, softcap=30.0, timm_kwargs=kw,
+                       extra={"teacher": 3, "training": "n/a", "recipe": None})
+    assert "| recipe |" not in (out / "README.md").read_text()
+
+
 def test_overwrite_is_atomic_and_leaves_no_temp(tmp_path):
     enc, dec = trained_pair()
     name, kw = TINY["clip"]

@@ -102,6 +102,7 @@ def test_convert_non_svit_infers_image_size_and_strips_prefixes(tmp_path):
     out = convert(src, tmp_path / "out", timm_kwargs=arch_kw)
     a = load_aligned(out)
     assert a.config["encoder"]["softcap"] == 0.0 and a.spec.img_size == kw["img_size"]
+    assert "| converted from | `model_best.pth.tar` |" in (out / "README.md").read_text()
     assert not any(type(b.attn).__name__ == "SoftCapAttention" for b in a.encoder.blocks)
     x = torch.randn(1, 3, kw["img_size"], kw["img_size"])
     with torch.no_grad():
