@@ -172,8 +172,9 @@ def model_card(config: dict) -> str:
             ("attention soft-cap", str(enc["softcap"])),
             ("decoder", f"{config['decoder']['depth']} blocks, width {config['decoder']['width']}")]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows if v is not None)
+    front = "\n".join(meta)
     return f"""---
-{chr(10).join(meta)}
+{front}
 ---
 
 # {tag}, locality-aligned with MaskEmbed
