@@ -22,6 +22,12 @@ from .weights import (
     unregister_checkpoint,
 )
 
+__all__ = [
+    "PRISMATIC_AVAILABLE", "LetterboxPad", "image_transform", "load_featurizer", "DecoderProjector", "ProjectorInit",
+    "projector_init", "ALIASES", "ALIGNED_BACKBONES", "ENV_ROOT", "canonical_id", "register_checkpoint",
+    "resolve_checkpoint", "unregister_checkpoint",
+]
+
 try:
     import prismatic.models.materialize  # noqa: F401
 except ModuleNotFoundError as e:
@@ -36,8 +42,9 @@ except ModuleNotFoundError as e:
         raise
 else:
     PRISMATIC_AVAILABLE = True
-    from .backbone import AlignedViTBackbone  # noqa: F401
-    from .configs import DECODER_ARCH, MODEL_CONFIGS  # noqa: F401
-    from .registry import register, register_aligned_backbone  # noqa: F401
+    from .backbone import AlignedViTBackbone
+    from .configs import DECODER_ARCH, MODEL_CONFIGS
+    from .registry import register, register_aligned_backbone
 
+    __all__ += ["AlignedViTBackbone", "DECODER_ARCH", "MODEL_CONFIGS", "register", "register_aligned_backbone"]
     register()
