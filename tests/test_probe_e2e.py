@@ -12,6 +12,7 @@ from prismatic_locality import maskembed as M
 from prismatic_locality.decoder import DecoderConfig, MaskEmbedDecoder
 from prismatic_locality.checkpoint import write_json
 from prismatic_locality.probe import compare as probe_compare
+from prismatic_locality.probe import features as F
 from prismatic_locality.probe import labels as L
 from prismatic_locality.probe import run as probe_run
 from prismatic_locality.probe.backbone import Backbone, BackboneConfig
@@ -157,6 +158,69 @@ def test_coco_end_to_end_and_cache_reuse(tmp_path):
     assert len(list((tmp_path / "cache").glob("features-*"))) == 4
 
 
+class Killed(Exception):
+    pass
+
+
+def test_killed_extraction_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(F, "PROGRESS_EVERY_S", 0.0)  # record progress after every batch
+    root = write_coco(tmp_path / "coco")
+    vit = tiny_vit("in1k")
+    bb = Backbone(vit, "timm", "tiny")
+    ds = ProbeDataset("coco-stuff", root, "train", 32, 8)  # 12 images: 3 batches of 4
+    ref = F.build_split(ds, bb, tmp_path / "ref", batch_size=4)
+
+    calls = {"n": 0, "kill_at": 3}
+
+    def hook(*_):
+        calls["n"] += 1
+        if calls["n"] == calls["kill_at"]:
+            raise Killed("simulated kill")
+
+    vit.blocks[0].register_forward_hook(hook)
+    cache = tmp_path / "cache"
+    with pytest.raises(Killed):
+        F.build_split(ds, bb, cache, batch_size=4)
+    partial = [d for d in cache.glob(".features-*.partial")]
+    assert len(partial) == 1 and json.loads((partial[0] / "progress.json").read_text())["done"] == 8
+    assert not list(cache.glob("features-*")) and not list(cache.glob("labels-*"))
+
+    calls.update(n=0, kill_at=None)
+    got = F.build_split(ds, bb, cache, batch_size=4)  # resumes: only the last batch is computed
+    assert calls["n"] == 1
+    assert np.array_equal(np.asarray(got.features), np.asarray(ref.features))
+    assert np.array_equal(np.asarray(got.patch), np.asarray(ref.patch))
+    assert np.array_equal(np.asarray(got.fractions), np.asarray(ref.fractions))
+    assert F.read_meta(got.features_dir)["resumed_at"] == 8 and not list(cache.glob("*.partial"))
+
+    # a partial made with another batch size is not mixed in: extraction starts over
+    calls.update(n=0, kill_at=2)
+    with pytest.raises(Killed):
+        F.build_split(ds, bb, tmp_path / "other", batch_size=4)
+    calls.update(n=0, kill_at=None)
+    again = F.build_split(ds, bb, tmp_path / "other", batch_size=6)
+    assert calls["n"] == 2 and F.read_meta(again.features_dir)["resumed_at"] == 0
+
+
+def test_a_second_extraction_of_the_same_cache_waits_for_the_first(tmp_path):
+    import threading
+
+    root = write_coco(tmp_path / "coco", n_train=4)
+    bb = Backbone(tiny_vit("in1k"), "timm", "tiny")
+    ds = ProbeDataset("coco-stuff", root, "train", 32, 8)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    feat_dir = cache / f"features-{F.features_key(bb, ds, 'fp32')}"
+    result = {}
+    with F._locked(feat_dir):  # as if another process were extracting it
+        t = threading.Thread(target=lambda: result.update(split=F.build_split(ds, bb, cache, batch_size=4)))
+        t.start()
+        t.join(timeout=1.0)
+        assert t.is_alive() and not F._complete(feat_dir)  # waiting, not writing
+    t.join(timeout=60)
+    assert not t.is_alive() and result["split"].features.shape[0] == 4 and F._complete(feat_dir)
+
+
 def ade_cli(tmp_path, epochs: int) -> list[str]:
     """`locality probe` arguments for a tiny random backbone on a fresh ADE20k fixture."""
     return ["--dataset", "ade20k", "--data.root", str(write_ade(tmp_path / "ade")), "--data.num_workers", "0",
@@ -287,11 +351,12 @@ def test_size_mismatch_and_bad_values_are_named(tmp_path, capsys):
     with pytest.raises(ValueError):
         run_probe(cfg)
     cache = tmp_path / "cache"
-    assert not list(cache.glob(".*tmp*"))
     done = [d for d in cache.iterdir() if (d / "meta.json").is_file()]
     assert sorted(d.name.split("-")[0] for d in done) == ["features", "labels"]  # only the train split
     assert all(json.loads((d / "meta.json").read_text())["split"] == "train" for d in done)
-    assert len(list(cache.iterdir())) == 2
+    # what the failed val extraction left is hidden and incomplete (a partial dir, lock files)
+    assert sorted(d.name for d in cache.iterdir() if not d.name.startswith(".")) == sorted(d.name for d in done)
+    assert not [d for d in cache.glob(".*") if (d / "meta.json").exists()]
     # from the CLI, with decoding in a worker process: one clear line
     argv = ["--dataset", "ade20k", "--data.root", str(root), "--data.num_workers", "1", "--backbone", TINY_NAME,
             "--backbone.pretrained", "false", "--backbone.timm_kwargs", json.dumps(dict(TINY_KW, depth=2)),

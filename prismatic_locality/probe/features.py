@@ -14,26 +14,30 @@ Two caches under `cache_dir`, each a directory ``<kind>-<key>/`` with ``.npy`` a
 - ``features-<key>``: (N, T, D) float16. key = backbone fingerprint (weights, architecture,
                       soft-caps) + dataset fingerprint + resolution + mean/std + compute precision.
 
-A cache is built in a hidden temp directory and renamed into place only when complete, so a
-killed extraction never leaves a directory that is taken as a valid cache.
+A cache is built in a hidden ``.<kind>-<key>.partial`` directory and renamed into place only when
+complete, so a killed extraction never leaves a directory that is taken as a valid cache. The
+partial directory records how many images it holds (``progress.json``, written after the arrays
+are flushed, every `PROGRESS_EVERY_S` seconds): a rerun continues from there with the same
+batches, so a resumed extraction writes the same bytes as an uninterrupted one. A lock file
+makes a second process wait for the first instead of writing the same files.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..checkpoint import write_json
@@ -43,6 +47,7 @@ from .datasets import ProbeDataset
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = "probe-cache-v1"
+PROGRESS_EVERY_S = 30.0  # how often a partial extraction records its progress (flushing the arrays)
 
 
 def default_cache_dir() -> Path:
@@ -98,6 +103,46 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class _Partial:
+    """The arrays of one cache being extracted, in ``.<name>.partial/``, resumable.
+
+    `done` images (a multiple of the batch size) are valid; `arrays` maps file stem -> memmap."""
+
+    def __init__(self, final: Path, shapes: dict[str, tuple[tuple[int, ...], str]], batch_size: int):
+        self.final, self.dir = final, final.parent / f".{final.name}.partial"
+        plan = {"shapes": {k: [list(shape), dtype] for k, (shape, dtype) in shapes.items()}, "batch_size": batch_size}
+        self.done, mode = 0, "w+"
+        progress = self.dir / "progress.json"
+        if progress.is_file():
+            saved = json.loads(progress.read_text())
+            if {k: saved.get(k) for k in plan} == plan:
+                self.done, mode = saved["done"], "r+"
+                log.info("%s: resuming a partial extraction at %d images", final.name, self.done)
+            else:
+                log.warning("%s: discarding a partial extraction made with other shapes or batch size", final.name)
+        if mode == "w+":
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir()
+        self.plan = plan
+        self.arrays = {k: np.lib.format.open_memmap(self.dir / f"{k}.npy", mode, np.dtype(dtype), shape)
+                       for k, (shape, dtype) in shapes.items()}
+
+    def record(self, done: int) -> None:
+        """Flush the arrays, then say that the first `done` images are in them."""
+        for a in self.arrays.values():
+            a.flush()
+        write_json(self.dir / "progress.json", {**self.plan, "done": done})
+        self.done = done
+
+    def finish(self, meta: dict) -> None:
+        for a in self.arrays.values():
+            a.flush()
+        self.arrays.clear()  # drop the memmaps before the rename
+        (self.dir / "progress.json").unlink(missing_ok=True)
+        write_json(self.dir / "meta.json", meta)
+        _publish(self.dir, self.final)
+
+
 def _precision(device: torch.device, precision: str) -> str:
     if precision == "auto":  # bf16 autocast on GPU, as the reference; exact fp32 on CPU
         return "bf16" if device.type == "cuda" else "fp32"
@@ -137,71 +182,81 @@ def build_split(ds: ProbeDataset, backbone: Backbone, cache_dir: str | os.PathLi
     return ProbeSplit(feats, patch, image, fractions, ds, feat_dir, lab_dir, not need_features)
 
 
+@contextlib.contextmanager
+def _locked(final: Path):
+    """Hold ``.<name>.lock`` beside a cache: a second process extracting it waits for the first."""
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _extract(ds: ProbeDataset, backbone: Optional[Backbone], lab_dir: Optional[Path], feat_dir: Optional[Path],
              batch_size: int, num_workers: int, device: torch.device, precision: str, desc: str) -> None:
+    with contextlib.ExitStack() as locks:
+        for d in (lab_dir, feat_dir):  # always this order, so two processes cannot deadlock
+            if d is not None:
+                locks.enter_context(_locked(d))
+        # another process may have finished one of them while we waited
+        lab_dir = None if lab_dir is None or _complete(lab_dir) else lab_dir
+        feat_dir, backbone = (None, None) if feat_dir is None or _complete(feat_dir) else (feat_dir, backbone)
+        if lab_dir is None and feat_dir is None:
+            return
+        ds.with_images, ds.with_labels = backbone is not None, lab_dir is not None
+        try:
+            _extract_locked(ds, backbone, lab_dir, feat_dir, batch_size, num_workers, device, precision, desc)
+        finally:
+            ds.with_images = ds.with_labels = True
+
+
+def _extract_locked(ds: ProbeDataset, backbone: Optional[Backbone], lab_dir: Optional[Path],
+                    feat_dir: Optional[Path], batch_size: int, num_workers: int, device: torch.device,
+                    precision: str, desc: str) -> None:
     n, s, C = len(ds), ds.size, ds.num_classes
     nb = (C + 7) // 8
-    ds.with_images = backbone is not None
-    ds.with_labels = lab_dir is not None
-    tmps: list[tuple[Path, Path]] = []
-
-    def tmpdir(final: Path) -> Path:
-        t = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        tmps.append((t, final))
-        return t
-
-    try:
-        if lab_dir is not None:
-            t = tmpdir(lab_dir)
-            grid = ds.size // ds.patch_size
-            patch = np.lib.format.open_memmap(t / "patch.npy", "w+", np.uint8, (n, grid * grid, nb))
-            image = np.lib.format.open_memmap(t / "image.npy", "w+", np.uint8, (n, nb))
-            fractions = np.lib.format.open_memmap(t / "fractions.npy", "w+", np.float32, (n, C))
-        if backbone is not None:
-            t = tmpdir(feat_dir)
-            sp = backbone.spec
-            feats = np.lib.format.open_memmap(t / "features.npy", "w+", np.float16, (n, sp.num_tokens, sp.embed_dim))
-            backbone.model.to(device)
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            pin_memory=device.type == "cuda")
-        what = " + ".join(w for w, on in (("features", backbone is not None), ("labels", lab_dir is not None)) if on)
-        start = time.perf_counter()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-        with tqdm(total=n, desc=f"{desc or ds.spec.split}: {what}", unit="img", dynamic_ncols=True) as bar:
-            for batch in loader:
-                idx = batch["index"].numpy()
-                lo, hi = int(idx[0]), int(idx[-1]) + 1
-                if lab_dir is not None:
-                    patch[lo:hi] = batch["patch"].numpy()
-                    image[lo:hi] = batch["image_labels"].numpy()
-                    fractions[lo:hi] = batch["fractions"].numpy()
-                if backbone is not None:
-                    x = backbone.normalize(batch["image"].to(device, non_blocking=True))
-                    with autocast:
-                        f = backbone.features(x)
-                    feats[lo:hi] = f.to(torch.float16).cpu().numpy()
-                bar.update(hi - lo)
-        seconds = time.perf_counter() - start
-        meta = {"version": CACHE_VERSION, "dataset": ds.spec.name, "split": ds.spec.split, "root": str(ds.spec.image_dir),
-                "num_images": n, "img_size": s, "patch_size": ds.patch_size, "num_classes": C,
-                "seconds": round(seconds, 3)}
-        if lab_dir is not None:
-            patch.flush(); image.flush(); fractions.flush()
-            del patch, image, fractions
-            write_json(tmps[0][0] / "meta.json", meta)
-        if backbone is not None:
-            feats.flush()
-            del feats
-            write_json(tmps[-1][0] / "meta.json", {**meta, "backbone": backbone.describe(), "precision": precision,
-                                                   "images_per_s": round(n / max(seconds, 1e-9), 2)})
-        for t, final in tmps:
-            _publish(t, final)
-    except BaseException:
-        for t, _ in tmps:
-            shutil.rmtree(t, ignore_errors=True)
-        raise
-    finally:
-        ds.with_images = ds.with_labels = True
+    parts = {}
+    if lab_dir is not None:
+        grid = ds.size // ds.patch_size
+        parts["labels"] = _Partial(lab_dir, {"patch": ((n, grid * grid, nb), "uint8"), "image": ((n, nb), "uint8"),
+                                             "fractions": ((n, C), "float32")}, batch_size)
+    if backbone is not None:
+        sp = backbone.spec
+        parts["features"] = _Partial(feat_dir, {"features": ((n, sp.num_tokens, sp.embed_dim), "float16")}, batch_size)
+        backbone.model.to(device)
+    start_at = min(p.done for p in parts.values())  # whole batches, so the remaining batches are the same
+    loader = DataLoader(Subset(ds, range(start_at, n)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    what = " + ".join(parts)
+    start = last_record = time.perf_counter()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with tqdm(total=n, initial=start_at, desc=f"{desc or ds.spec.split}: {what}", unit="img",
+              dynamic_ncols=True) as bar:
+        for batch in loader:
+            idx = batch["index"].numpy()
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            if "labels" in parts:
+                a = parts["labels"].arrays
+                a["patch"][lo:hi] = batch["patch"].numpy()
+                a["image"][lo:hi] = batch["image_labels"].numpy()
+                a["fractions"][lo:hi] = batch["fractions"].numpy()
+            if "features" in parts:
+                x = backbone.normalize(batch["image"].to(device, non_blocking=True))
+                with autocast:
+                    f = backbone.features(x)
+                parts["features"].arrays["features"][lo:hi] = f.to(torch.float16).cpu().numpy()
+            bar.update(hi - lo)
+            if time.perf_counter() - last_record >= PROGRESS_EVERY_S and hi < n:
+                for p in parts.values():
+                    p.record(hi)
+                last_record = time.perf_counter()
+    seconds = time.perf_counter() - start
+    meta = {"version": CACHE_VERSION, "dataset": ds.spec.name, "split": ds.spec.split, "root": str(ds.spec.image_dir),
+            "num_images": n, "img_size": s, "patch_size": ds.patch_size, "num_classes": C,
+            "seconds": round(seconds, 3), "resumed_at": start_at}
+    if "labels" in parts:
+        parts["labels"].finish(meta)
+    if "features" in parts:
+        parts["features"].finish({**meta, "backbone": backbone.describe(), "precision": precision,
+                                  "images_per_s": round((n - start_at) / max(seconds, 1e-9), 2)})
 
 
 def read_meta(d: Path) -> dict:
