@@ -43,6 +43,19 @@ def test_fast_equals_reference_fp32_cpu(kind):
     assert any(g.abs().sum() > 0 for k, g in g_fast.items() if k.startswith("encoder.blocks"))
 
 
+@pytest.mark.skipif(V._flex_attention() is None, reason="torch < 2.5 has no FlexAttention")
+def test_flex_score_mod_is_the_softcap_on_cpu():
+    """The GPU path's FlexAttention call, run forward on CPU (torch compiles a CPU kernel; its
+    backward is GPU-only): the score_mod must compute exactly the math path's soft-capped logits."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 17, 16) * 3 for _ in range(3))  # large logits: the cap matters
+    flex = V.softcap_attention(q, k, v, 16**-0.5, 30.0, "flex")
+    math_ = V.softcap_attention(q, k, v, 16**-0.5, 30.0, "math")
+    uncapped = V.softcap_attention(q, k, v, 16**-0.5, 1e9, "math")
+    assert (flex - math_).abs().max().item() < 1e-5
+    assert (flex - uncapped).abs().max().item() > 0.1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's fused kernel needs CUDA")
 def test_flex_attention_matches_math_on_gpu():
     torch.manual_seed(0)
