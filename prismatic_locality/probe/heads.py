@@ -36,6 +36,15 @@ def _check_task(task: str) -> None:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
+def check_view(view: str, kind: str, task: str) -> None:
+    """The interventions exist for the transformer head's local probing only."""
+    if view not in VIEWS:
+        raise ValueError(f"head view must be one of {VIEWS}, got {view!r}")
+    if view != "full" and (kind != "transformer" or task != "local"):
+        raise ValueError(f"head view {view!r} is an intervention on local probing and needs the transformer head "
+                         f"(got {kind!r}, task {task!r}): use --task local --head.kind transformer")
+
+
 def pool_prefix(tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """(B, D): the CLS token (mean of the prefix tokens), or the mean of all tokens without a prefix."""
     return tokens[:, :num_prefix].mean(1) if num_prefix else tokens.mean(1)
@@ -46,10 +55,7 @@ class TransformerHead(nn.Module):
                  task: str, depth: int = 2, layer_scale: float = 0.01, view: str = "full"):
         super().__init__()
         _check_task(task)
-        if view not in VIEWS:
-            raise ValueError(f"head view must be one of {VIEWS}, got {view!r}")
-        if view != "full" and task != "local":
-            raise ValueError(f"head view {view!r} is an intervention on local probing; use task local")
+        check_view(view, "transformer", task)
         self.task, self.num_prefix, self.view = task, num_prefix, view
         # full: added to every token; interventions: the patch positions' prediction queries
         self.pos_embed = nn.Parameter(torch.randn(1, num_tokens if view == "full" else num_tokens - num_prefix, dim) * 0.02)
@@ -93,8 +99,7 @@ def build_head(kind: str, task: str, *, num_tokens: int, num_prefix: int, dim: i
                view: str = "full") -> nn.Module:
     if kind == "transformer":
         return TransformerHead(num_tokens, num_prefix, dim, num_heads, num_classes, task, depth, layer_scale, view)
-    if view != "full":
-        raise ValueError(f"head view {view!r} needs the transformer head (got {kind!r})")
+    check_view(view, kind, task)
     if kind == "mlp":
         return TokenHead(nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes)), num_prefix, task)
     if kind == "linear":

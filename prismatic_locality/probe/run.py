@@ -37,7 +37,7 @@ from . import plots
 from .backbone import Backbone, BackboneConfig, load_backbone
 from .datasets import DATASETS, ProbeDataset
 from .features import ProbeSplit, build_split
-from .heads import VIEWS
+from .heads import check_view
 from .labels import unpack
 from .metrics import size_stratified_recall
 from .train import HeadConfig, OptimConfig, fit_probe, predict
@@ -134,11 +134,9 @@ def _run_probe(cfg: ProbeConfig, backbone: Optional[Backbone]) -> dict:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
     if not cfg.data.root:
         raise ValueError("data.root is required (--data.root DIR)")
-    if cfg.head.view not in VIEWS:
-        raise ValueError(f"head.view must be one of {' | '.join(VIEWS)}, got {cfg.head.view!r}")
-    if cfg.head.view != "full" and (cfg.task != "local" or cfg.head.kind != "transformer"):
-        raise ValueError(f"head.view {cfg.head.view} is an intervention on local probing with the transformer head: "
-                         f"use --task local --head.kind transformer")
+    tasks = ("local", "global") if cfg.task == "both" else (cfg.task,)
+    for task in tasks:  # before any extraction
+        check_view(cfg.head.view, cfg.head.kind, task)
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     if backbone is None:
@@ -164,7 +162,6 @@ def _run_probe(cfg: ProbeConfig, backbone: Optional[Backbone]) -> dict:
                   "reused": bool(train.features_cached and val.features_cached)},
     }
     heads = {}
-    tasks = ("local", "global") if cfg.task == "both" else (cfg.task,)
     for task in tasks:
         r, head = fit_probe(train, val, task, spec.num_heads, cfg.head, cfg.optim, cfg.seed, device,
                             desc=f"{backbone.name} ")
