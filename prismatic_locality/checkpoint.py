@@ -211,40 +211,42 @@ def read_json(path: str | os.PathLike, what: str, error: type[Exception] = Value
         raise error(f"{path}: invalid JSON ({e})") from None
 
 
-# config.json's "encoder" entry: field -> (check, what it must be). `norm_eps` and `timm_kwargs` are optional.
+# config.json's "encoder" entry: field -> (check, what it must be). The required ones are what
+# `build_encoder` rebuilds the encoder from; unknown fields are ignored (newer writers may add some).
 _number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
 _count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
 _rgb = lambda v: isinstance(v, list) and len(v) == 3 and all(map(_number, v))  # noqa: E731
 ENCODER_FIELDS = {
     "model": (lambda v: isinstance(v, str) and bool(v), "a timm model name"),
-    "pretrained_tag": (lambda v: isinstance(v, str), "a string"),
     "img_size": (_count, "a positive integer"),
     "patch_size": (_count, "a positive integer"),
     "embed_dim": (_count, "a positive integer"),
     "depth": (_count, "a positive integer"),
-    "num_heads": (_count, "a positive integer"),
-    "num_prefix_tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-    "num_tokens": (_count, "a positive integer"),
     "mean": (_rgb, "a list of 3 numbers"),
     "std": (_rgb, "a list of 3 numbers"),
     "softcap": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "head_out": (_count, "a positive integer"),
 }
 ENCODER_OPTIONAL = {
+    "pretrained_tag": (lambda v: isinstance(v, str), "a string"),
+    "num_heads": (_count, "a positive integer"),
+    "num_prefix_tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "num_tokens": (_count, "a positive integer"),
     "norm_eps": (lambda v: _number(v) and v > 0, "a number > 0"),
     "timm_kwargs": (lambda v: isinstance(v, dict), "a mapping of timm.create_model arguments"),
 }
 # config.json's "decoder" entry: DecoderConfig's fields, checked by their annotation, with two exceptions
-_DECODER_CHECKS = {"int": (_count, "a positive integer"), "float": (lambda v: _number(v) and v > 0, "a number > 0"),
+_DECODER_CHECKS = {"int": (_count, "a positive integer"), "float": (_number, "a finite number"),
                    "bool": (lambda v: isinstance(v, bool), "true or false"), "str": (lambda v: isinstance(v, str), "a string")}
 _DECODER_SPECIAL = {
-    "num_prefix_tokens": ENCODER_FIELDS["num_prefix_tokens"],
+    "num_prefix_tokens": ENCODER_OPTIONAL["num_prefix_tokens"],
     "init_values": (lambda v: v is None or _number(v), "a number, or null for no LayerScale"),
 }
 
 
-def _check_fields(entry: Any, name: str, required: dict, optional: dict, cfg_file: Path) -> None:
-    """One line naming the first missing, unknown or malformed field of a config.json entry."""
+def _check_fields(entry: Any, name: str, required: dict, optional: dict, cfg_file: Path,
+                  allow_unknown: bool = False) -> None:
+    """One line naming the first missing, malformed (or, unless allowed, unknown) field of a config.json entry."""
     if not isinstance(entry, dict):
         raise CheckpointError(f"{cfg_file}: field '{name}' must be a mapping, got {entry!r}")
     for key, (ok, what) in {**required, **optional}.items():
@@ -254,7 +256,7 @@ def _check_fields(entry: Any, name: str, required: dict, optional: dict, cfg_fil
         elif not ok(entry[key]):
             raise CheckpointError(f"{cfg_file}: field '{name}.{key}' must be {what}, got {entry[key]!r}")
     unknown = sorted(set(entry) - set(required) - set(optional))
-    if unknown:
+    if unknown and not allow_unknown:
         raise CheckpointError(f"{cfg_file}: unknown field '{name}.{unknown[0]}'")
 
 
@@ -278,8 +280,8 @@ def read_config(path: str | os.PathLike) -> dict:
     for key in ("encoder", "decoder"):
         if key not in cfg:
             raise CheckpointError(f"{cfg_file}: missing field '{key}'")
-    _check_fields(cfg["encoder"], "encoder", ENCODER_FIELDS, ENCODER_OPTIONAL, cfg_file)
-    _check_fields(cfg["decoder"], "decoder", *_decoder_fields(), cfg_file)
+    _check_fields(cfg["encoder"], "encoder", ENCODER_FIELDS, ENCODER_OPTIONAL, cfg_file, allow_unknown=True)
+    _check_fields(cfg["decoder"], "decoder", *_decoder_fields(), cfg_file)  # DecoderConfig(**decoder) takes no others
     return cfg
 
 

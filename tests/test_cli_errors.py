@@ -208,6 +208,8 @@ def test_malformed_config_json_is_named(aligned_dir, tmp_path, capsys, edit, cul
 
 def test_valid_config_json_still_loads(aligned_dir):
     assert C.load_aligned(aligned_dir).spec.embed_dim == 48
+    edit_config(aligned_dir, lambda c: c["encoder"].update(written_by_a_newer_version=1))  # tolerated
+    assert C.load_aligned(aligned_dir).spec.embed_dim == 48
 
 
 # --------------------------------------------------------------------------------------------
