@@ -29,8 +29,8 @@ from typing import Optional
 import torch
 
 from . import vit as V
-from .cli import ArgumentParser
 from .checkpoint import CheckpointError, check_output_dir, load_aligned, load_state, save_aligned, split_state
+from .cli import ArgumentParser
 from .decoder import DecoderConfig, MaskEmbedDecoder
 from .maskembed import make_encoder
 

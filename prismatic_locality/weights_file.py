@@ -30,7 +30,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         head = f.read(8)
     if head.startswith(ZIP_MAGIC) or head[0] == PICKLE_PROTO:
         state = _read_torch(path)
-    elif path.endswith(".safetensors") or _safetensors_header_len(head, size) is not None:
+    elif path.endswith(".safetensors") or _safetensors_header_len(head) is not None:
         state = _read_safetensors(path, size)
     else:
         raise ValueError(f"weights file {path} is not a weights file (neither safetensors nor a torch "
@@ -40,12 +40,12 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        what = type(state).__name__ if not isinstance(state, dict) else "a dict with non-tensor entries"
+        what = f"a {type(state).__name__}" if not isinstance(state, dict) else "a dict with non-tensor entries"
         raise ValueError(f"weights file {path} holds {what}, not a state dict of tensors")
     return state
 
 
-def _safetensors_header_len(head: bytes, size: int) -> int | None:
+def _safetensors_header_len(head: bytes) -> int | None:
     """The header length of a plausible safetensors file (8-byte little-endian length, then JSON)."""
     if len(head) < 8:
         return None
@@ -63,7 +63,7 @@ def _read_safetensors(path: str, size: int) -> dict:
     # say what is wrong in the user's terms: most often a copy or download cut short
     with open(path, "rb") as f:
         head = f.read(8)
-        n = _safetensors_header_len(head, size)
+        n = _safetensors_header_len(head)
         header = f.read(n) if n else b""
     if n is None:
         raise ValueError(f"weights file {path} is not a safetensors file ({reason})")
@@ -90,6 +90,8 @@ def _read_torch(path: str):
                 f"({next((ln for ln in lines if 'Unsupported' in ln), lines[-1] if lines else 'unsupported pickle')})")
         raise ValueError(f"weights file {path} is a pickle that {what}; pickled code is never run: save the weights "
                          f"as .safetensors or as a plain state dict") from None
-    except (RuntimeError, EOFError, OSError) as e:  # a zip archive cut short, a pickle ending early
+    except (RuntimeError, EOFError, OSError) as e:  # a zip archive cut short, a pickle ending early, ...
         reason = str(e).split(". ")[0].strip() if str(e).strip() else type(e).__name__
-        raise ValueError(f"weights file {path} is truncated or corrupt ({reason})") from None
+        cut_short = isinstance(e, EOFError) or "central directory" in reason or "truncated" in reason
+        raise ValueError(f"weights file {path} is {'truncated' if cut_short else 'not a readable torch checkpoint'} "
+                         f"({reason})") from None
