@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 
 import torch
 
@@ -80,7 +81,12 @@ def _read_safetensors(path: str, size: int) -> dict:
 
 def _read_torch(path: str):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings(record=True) as caught:  # kept only if the file loads: else the error says it all
+            warnings.simplefilter("always")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return state
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         if any("truncated" in ln for ln in lines):
