@@ -10,10 +10,11 @@ Writes are atomic (temp directory + rename); loading never unpickles anything.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -210,14 +211,77 @@ def read_json(path: str | os.PathLike, what: str, error: type[Exception] = Value
         raise error(f"{path}: invalid JSON ({e})") from None
 
 
+# config.json's "encoder" entry: field -> (check, what it must be). The required ones are what
+# `build_encoder` rebuilds the encoder from; unknown fields are ignored (newer writers may add some).
+_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+_count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+_rgb = lambda v: isinstance(v, list) and len(v) == 3 and all(map(_number, v))  # noqa: E731
+ENCODER_FIELDS = {
+    "model": (lambda v: isinstance(v, str) and bool(v), "a timm model name"),
+    "img_size": (_count, "a positive integer"),
+    "patch_size": (_count, "a positive integer"),
+    "embed_dim": (_count, "a positive integer"),
+    "depth": (_count, "a positive integer"),
+    "mean": (_rgb, "a list of 3 numbers"),
+    "std": (_rgb, "a list of 3 numbers"),
+    "softcap": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "head_out": (_count, "a positive integer"),
+}
+ENCODER_OPTIONAL = {
+    "pretrained_tag": (lambda v: isinstance(v, str), "a string"),
+    "num_heads": (_count, "a positive integer"),
+    "num_prefix_tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "num_tokens": (_count, "a positive integer"),
+    "norm_eps": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "timm_kwargs": (lambda v: isinstance(v, dict), "a mapping of timm.create_model arguments"),
+}
+# config.json's "decoder" entry: DecoderConfig's fields, checked by their annotation, with two exceptions
+_DECODER_CHECKS = {"int": (_count, "a positive integer"), "float": (_number, "a finite number"),
+                   "bool": (lambda v: isinstance(v, bool), "true or false"), "str": (lambda v: isinstance(v, str), "a string")}
+_DECODER_SPECIAL = {
+    "num_prefix_tokens": ENCODER_OPTIONAL["num_prefix_tokens"],
+    "init_values": (lambda v: v is None or _number(v), "a number, or null for no LayerScale"),
+}
+
+
+def _check_fields(entry: Any, name: str, required: dict, optional: dict, cfg_file: Path,
+                  allow_unknown: bool = False) -> None:
+    """One line naming the first missing, malformed (or, unless allowed, unknown) field of a config.json entry."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{cfg_file}: field '{name}' must be a mapping, got {entry!r}")
+    for key, (ok, what) in {**required, **optional}.items():
+        if key not in entry:
+            if key in required:
+                raise CheckpointError(f"{cfg_file}: field '{name}.{key}' is missing")
+        elif not ok(entry[key]):
+            raise CheckpointError(f"{cfg_file}: field '{name}.{key}' must be {what}, got {entry[key]!r}")
+    unknown = sorted(set(entry) - set(required) - set(optional))
+    if unknown and not allow_unknown:
+        raise CheckpointError(f"{cfg_file}: unknown field '{name}.{unknown[0]}'")
+
+
+def _decoder_fields() -> tuple[dict, dict]:
+    """DecoderConfig's fields with their checks, split into required and optional (those with a default)."""
+    required, optional = {}, {}
+    for f in fields(DecoderConfig):
+        check = _DECODER_SPECIAL.get(f.name) or _DECODER_CHECKS.get(str(f.type), (lambda v: True, ""))
+        (required if f.default is MISSING else optional)[f.name] = check
+    return required, optional
+
+
 def read_config(path: str | os.PathLike) -> dict:
+    """config.json of an aligned checkpoint, every field the loaders use checked (one line naming it)."""
     cfg_file = Path(path) / CONFIG_NAME
     cfg = read_json(cfg_file, "not an aligned checkpoint", CheckpointError)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_file}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
     for key in ("encoder", "decoder"):
         if key not in cfg:
             raise CheckpointError(f"{cfg_file}: missing field '{key}'")
+    _check_fields(cfg["encoder"], "encoder", ENCODER_FIELDS, ENCODER_OPTIONAL, cfg_file, allow_unknown=True)
+    _check_fields(cfg["decoder"], "decoder", *_decoder_fields(), cfg_file)  # DecoderConfig(**decoder) takes no others
     return cfg
 
 
@@ -275,3 +339,31 @@ def load_aligned(path: str | os.PathLike, device: str | torch.device = "cpu", at
 def is_aligned_checkpoint(path: str | os.PathLike) -> bool:
     p = Path(path)
     return p.is_dir() and (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file()
+
+
+# Disk space a command needs besides what it writes: below this, it is refused up front.
+MIN_FREE_BYTES = 64 << 20
+
+
+def check_output_dir(path: str | os.PathLike, what: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+    """Refuse up front (before any compute) an output directory that could not be written: it, or the
+    nearest parent that exists, is not a directory, is not writable (read-only mount, permissions,
+    immutable), or sits on a disk with less than `min_free_bytes` free. Creates nothing.
+    `what` names the setting in the message (e.g. "config field 'output_dir'")."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    target = "" if existing == path else f" (the parent of {path})"
+    if not existing.is_dir():
+        raise ValueError(f"{what}: {existing}{target} is not a directory")
+    try:  # the real test: os.access says yes to root even on a read-only mount or an immutable directory
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what}: {existing}{target} is not writable ({e.strerror})") from None
+    free = shutil.disk_usage(existing).free
+    if free < min_free_bytes:
+        raise ValueError(f"{what}: only {free / 2**20:.1f} MiB free on the disk of {existing}{target}; "
+                         f"free some space (at least {min_free_bytes >> 20} MiB) or choose another directory")

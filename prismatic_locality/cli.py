@@ -6,6 +6,7 @@ stays instant and the core never imports Prismatic.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -14,10 +15,18 @@ COMMANDS = {
     "align": ("prismatic_locality.align.train", "MaskEmbed locality alignment of a timm ViT (torchrun-able)"),
     "probe": ("prismatic_locality.probe.run", "patch-level probing benchmark: local and global macro recall"),
     "probe-compare": ("prismatic_locality.probe.compare", "put several probe results.json side by side"),
-    "demo": ("prismatic_locality.demo.run", "the paper in miniature on a laptop CPU, end to end"),
+    # the demo's arguments are parsed before torch is imported, so a usage error is instant
+    "demo": ("prismatic_locality.demo.args", "the paper in miniature on a laptop CPU, end to end"),
     "convert": ("prismatic_locality.convert", "convert the paper's released .pth.tar checkpoints"),
     "vlm-compare": ("prismatic_locality.vlm_compare", "compare vlm-evaluation results across models"),
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``prog: error: <what> (see --help)``, exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def usage() -> str:

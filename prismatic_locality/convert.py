@@ -29,7 +29,8 @@ from typing import Optional
 import torch
 
 from . import vit as V
-from .checkpoint import CheckpointError, load_aligned, load_state, save_aligned, split_state
+from .checkpoint import CheckpointError, check_output_dir, load_aligned, load_state, save_aligned, split_state
+from .cli import ArgumentParser
 from .decoder import DecoderConfig, MaskEmbedDecoder
 from .maskembed import make_encoder
 
@@ -38,10 +39,16 @@ SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pa
 REFERENCE_SOFTCAP = 30.0  # `max_attn_val` of the reference's StableAttention (spec A.7)
 
 
+def _first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+
+
 def load_official(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (an interrupted download or copy?)")
     try:
         if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5
             with torch.serialization.safe_globals(SAFE_GLOBALS):
@@ -50,10 +57,10 @@ def load_official(path: str | Path) -> dict:
             torch.serialization.add_safe_globals(SAFE_GLOBALS)
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = next((ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), str(e).splitlines()[0])
+        first = next((ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), _first_line(e))
         raise CheckpointError(f"{path}: refusing to unpickle it ({first.strip()})") from None
     except (RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path}: not a torch checkpoint ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a torch checkpoint, or truncated ({_first_line(e)})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path}: no 'state_dict' entry; not a MaskEmbed training checkpoint")
     return ckpt
@@ -67,6 +74,16 @@ def student_state(ckpt: dict, use_ema: bool = True) -> tuple[dict, str]:
         k = k.removeprefix("_orig_mod.").removeprefix("module.")
         state[k] = v
     return state, which
+
+
+def check_finite_state(state: dict, source: str) -> None:
+    """A NaN/Inf weight means a corrupt file (or a diverged run): refuse it before anything is written."""
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        n = int((~torch.isfinite(state[bad[0]])).sum())
+        more = f" and {len(bad) - 1} other tensor(s) hold" if len(bad) > 1 else " holds"
+        raise CheckpointError(f"{source}: {bad[0]}{more} non-finite values (NaN/Inf; {n} of "
+                              f"{state[bad[0]].numel()} in the first); the checkpoint is corrupt, nothing was written")
 
 
 def plain_timm_name(arch: str) -> tuple[str, bool]:
@@ -119,6 +136,7 @@ def convert(src: str | Path, out: str | Path, *, use_ema: bool = True, model: Op
             softcap: Optional[float] = None, timm_kwargs: Optional[dict] = None) -> Path:
     """Convert one official checkpoint; returns the written aligned checkpoint directory."""
     src = Path(src)
+    check_output_dir(out, "output directory")  # before reading a multi-GB file
     ckpt = load_official(src)
     args = ckpt.get("args")
     arch = model or ckpt.get("arch") or getattr(args, "model", None)
@@ -130,6 +148,7 @@ def convert(src: str | Path, out: str | Path, *, use_ema: bool = True, model: Op
     timm_kwargs = dict(timm_kwargs or {})
 
     state, which = student_state(ckpt, use_ema)
+    check_finite_state(state, f"{src} [{which}]")
     enc_state, dec_state = split_state(state)
     if "head.weight" not in enc_state:
         raise CheckpointError(f"{src}: {which} has no encoder.head.weight; not a MaskEmbed student checkpoint")
@@ -163,7 +182,7 @@ def convert(src: str | Path, out: str | Path, *, use_ema: bool = True, model: Op
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="locality convert",
         description="Convert a released MaskEmbed .pth.tar checkpoint (encoder.*/decoder.*, pickled args) into an "
         "aligned checkpoint directory (config.json + model.safetensors), without executing pickled code.",
@@ -183,7 +202,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error("--timm-kwargs: must be a JSON object")
     try:
         out = convert(a.src, a.out, use_ema=not a.no_ema, model=a.model, softcap=a.softcap, timm_kwargs=kwargs)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"locality convert: error: {e}", file=sys.stderr)
         return 2
     cfg = json.loads((out / "config.json").read_text())

@@ -133,11 +133,13 @@ def encode(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def default_decoder_config(teacher_spec: V.ViTSpec, encoder_spec: V.ViTSpec, width: Optional[int] = None,
                            depth: int = 2, init_values: float = 1e-6) -> DecoderConfig:
-    """The reference's decoder: width = teacher width, heads/qkv_bias/activation from the encoder."""
+    """The reference's decoder: width = teacher width (`width=None`), heads/qkv_bias/activation from the encoder."""
+    if width is not None and width <= 0:
+        raise ValueError(f"decoder width must be > 0 (None for the teacher's width), got {width}")
     return DecoderConfig(
         num_tokens=encoder_spec.num_tokens,
         num_prefix_tokens=encoder_spec.num_prefix_tokens,
-        width=width or teacher_spec.embed_dim,
+        width=teacher_spec.embed_dim if width is None else width,
         out_dim=teacher_spec.embed_dim,
         num_heads=encoder_spec.num_heads,
         depth=depth,

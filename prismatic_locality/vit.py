@@ -55,17 +55,11 @@ def create_vit(
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Read tensors from a safetensors file or a torch file, never running pickled code."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    """Read tensors from a safetensors file or a torch file, never running pickled code; a file that
+    is not weights fails with one line naming it and what is wrong (`weights_file.read_weights`)."""
+    from .weights_file import read_weights
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    return state
+    return read_weights(path)
 
 
 def load_timm_weights(model: nn.Module, path: str) -> None:

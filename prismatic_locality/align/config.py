@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import tempfile
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -62,7 +63,7 @@ class EncoderConfig:
 
 @dataclass
 class DecoderOptions:
-    width: Optional[int] = None      # default: the teacher's width (reference)
+    width: Optional[int] = None      # None (null) = the teacher's width (reference)
     depth: int = 2
     init_values: float = 1e-6        # LayerScale init: a weak decoder avoids the identity solution
 
@@ -236,6 +237,24 @@ def _choice(value: Any, allowed: tuple, name: str) -> None:
         raise ValueError(f"config field '{name}': '{value}' is not one of {' | '.join(map(str, allowed))}")
 
 
+def check_finite(cfg: Any, prefix: str = "") -> None:
+    """Every float of a (nested) config dataclass is finite: `--optim.lr inf` is refused, not trained with."""
+    for f in fields(cfg):
+        v, name = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if is_dataclass(v):
+            check_finite(v, f"{name}.")
+        elif any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, (tuple, list)) else [v])):
+            raise ValueError(f"config field '{name}' must be a finite number, got {v}")
+
+
+def check_range(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False, hint: str = "") -> None:
+    """`value` in [lo, hi] (or (lo, hi] with lo_open); `None` passes (an optional field left unset)."""
+    if value is None or ((value > lo if lo_open else value >= lo) and value <= hi):
+        return
+    want = (f"> {lo}" if lo_open else f">= {lo}") if hi == math.inf else f"in {'(' if lo_open else '['}{lo}, {hi}]"
+    raise ValueError(f"config field '{name}' must be {want}, got {value}{hint}")
+
+
 def validate(cfg: AlignConfig) -> AlignConfig:
     """Fail fast, one line naming the field."""
     _choice(cfg.teacher.target, TARGETS, "teacher.target")
@@ -250,23 +269,34 @@ def validate(cfg: AlignConfig) -> AlignConfig:
     _choice(cfg.data.augment, AUGMENTS, "data.augment")
     _choice(cfg.data.interpolation, INTERPOLATIONS, "data.interpolation")
     _choice(cfg.data.format, DATA_FORMATS, "data.format")
+    check_finite(cfg)
     positive = {"global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch, "save_every": cfg.save_every,
                 "log_every": cfg.log_every, "data.val_batch_size": cfg.data.val_batch_size,
-                "decoder.depth": cfg.decoder.depth, "optim.lr": cfg.optim.lr}
+                "data.val_max_images": cfg.data.val_max_images, "decoder.depth": cfg.decoder.depth, "optim.lr": cfg.optim.lr, "optim.eps": cfg.optim.eps,
+                "max_steps": cfg.max_steps}
     for name, v in positive.items():
-        if not v > 0:
-            raise ValueError(f"config field '{name}' must be > 0, got {v}")
-    if cfg.max_steps is not None and cfg.max_steps <= 0:
-        raise ValueError(f"config field 'max_steps' must be > 0, got {cfg.max_steps}")
+        check_range(name, v, 0, lo_open=True)
+    # 0 is not a width: the teacher's width is asked for by leaving the field unset (null)
+    check_range("decoder.width", cfg.decoder.width, 0, lo_open=True, hint=" (null for the teacher's width)")
+    non_negative = {"optim.min_lr": cfg.optim.min_lr, "optim.warmup_lr": cfg.optim.warmup_lr,
+                    "optim.weight_decay": cfg.optim.weight_decay, "optim.clip_grad": cfg.optim.clip_grad,
+                    "optim.warmup_steps": cfg.optim.warmup_steps, "encoder.softcap": cfg.encoder.softcap,
+                    "decoder.init_values": cfg.decoder.init_values, "data.workers": cfg.data.workers}
+    for name, v in non_negative.items():
+        check_range(name, v, 0)
+    check_range("masks.keep_prob", cfg.masks.keep_prob, 0, 1)
+    check_range("masks.block_ratio", cfg.masks.block_ratio, 0, 1, lo_open=True)
+    check_range("data.hflip", cfg.data.hflip, 0, 1)
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ValueError(f"config field 'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}")
     if cfg.max_steps is None and not cfg.epochs > 0:
         raise ValueError(f"config field 'epochs' must be > 0, got {cfg.epochs}")
-    if not 0.0 <= cfg.data.hflip <= 1.0:
-        raise ValueError(f"config field 'data.hflip' must be in [0, 1], got {cfg.data.hflip}")
     lo, hi = cfg.data.scale
     if not 0 < lo <= hi <= 1:
         raise ValueError(f"config field 'data.scale' must satisfy 0 < lo <= hi <= 1, got {cfg.data.scale}")
-    if cfg.optim.warmup_steps < 0:
-        raise ValueError(f"config field 'optim.warmup_steps' must be >= 0, got {cfg.optim.warmup_steps}")
+    lo, hi = cfg.data.ratio
+    if not 0 < lo <= hi:
+        raise ValueError(f"config field 'data.ratio' must satisfy 0 < lo <= hi, got {cfg.data.ratio}")
     if cfg.data.root is None:
         raise ValueError("config field 'data.root' is required (an ImageFolder tree or a folder of .tar shards)")
     return cfg
@@ -336,5 +366,5 @@ def parse_config(argv: Optional[List[str]] = None) -> AlignConfig:
 
 __all__ = [
     "AlignConfig", "TeacherConfig", "EncoderConfig", "DecoderOptions", "MaskConfig", "DataConfig",
-    "OptimConfig", "RECIPES", "get_recipe", "demo_recipe", "parse_config", "validate", "to_dict",
+    "OptimConfig", "RECIPES", "get_recipe", "demo_recipe", "parse_config", "validate", "check_finite", "to_dict",
 ]

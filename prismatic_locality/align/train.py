@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import vit as V
-from ..checkpoint import CheckpointError, save_aligned
-from ..data import RKRC, EvalTransform, GlobalBatchOrder, SeededImages, collate, open_source
+from ..checkpoint import CheckpointError, check_output_dir, save_aligned
+from ..data import RKRC, EvalTransform, GlobalBatchOrder, SeededImages, collate, open_source, surface_worker_errors
 from ..decoder import MaskEmbedDecoder
 from ..maskembed import (MaskEmbed, Teacher, default_decoder_config, estimate_target_scale, make_encoder, peak_tflops,
                          train_flops_per_image)
@@ -64,10 +64,12 @@ def build_teacher_vit(cfg: AlignConfig) -> nn.Module:
     pretrained = t.pretrained and t.weights is None
     try:
         vit = V.create_vit(t.model, pretrained=pretrained, weights=t.weights, **t.timm_kwargs)
-    except (ValueError, FileNotFoundError):
+    except (ValueError, FileNotFoundError):  # a bad local weights file is named by vit.read_state_dict
         raise
     except Exception as e:  # hub / cache failures come in many types
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if t.weights is not None:
+            raise ValueError(f"config field 'teacher.weights': cannot load {t.weights} into '{t.model}' ({msg})") from None
         raise ValueError(f"config field 'teacher.model': cannot create '{t.model}' with pretrained weights "
                          f"({msg}); offline? pass a local file with --teacher.weights") from None
     if not pretrained and t.weights is None:
@@ -196,7 +198,7 @@ def val_batches(cfg: AlignConfig, dataset: SeededImages, sampler, info: D.DistIn
     mine = [[(0, i) for i in range(b * vb, min(n, (b + 1) * vb))] for b in range(info.rank, num_batches, info.world_size)]
     loader = DataLoader(dataset, batch_sampler=mine, collate_fn=collate, num_workers=cfg.data.workers,
                         pin_memory=device.type == "cuda")
-    for b, (images, skipped) in zip(range(info.rank, num_batches, info.world_size), loader):
+    for b, (images, skipped) in zip(range(info.rank, num_batches, info.world_size), surface_worker_errors(loader)):
         for name in skipped:
             log.warning("skipped unreadable held-out image %s", name)
         masks = sampler(images.shape[0], step_generator(cfg.seed, b, device, stream=VAL_STREAM))
@@ -267,9 +269,15 @@ def _resume_source(cfg: AlignConfig, run_dir: Path) -> Optional[Path]:
     return path
 
 
+def check_before_compute(cfg: AlignConfig) -> None:
+    """What would otherwise fail only at the first save, hours in: refused before the teacher is built."""
+    check_output_dir(run_dir_of(cfg), "config field 'output_dir'")
+
+
 def train(cfg: AlignConfig) -> Path:
     """Run (or resume) MaskEmbed training; returns the aligned checkpoint directory."""
     validate(cfg)
+    check_before_compute(cfg)
     info = D.setup(cfg.device)
     with contextlib.ExitStack() as cleanup:  # runs on success and on any crash
         cleanup.callback(D.teardown, info)
@@ -375,7 +383,7 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
 
     loader = DataLoader(train_set, batch_sampler=order.micro_batches(step, total_steps), collate_fn=collate,
                         num_workers=cfg.data.workers, pin_memory=device.type == "cuda")
-    batches = iter(loader)
+    batches = surface_worker_errors(loader)
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=not info.is_main,
                desc=f"align {run_dir.name}")
     seen_bad: set = set()

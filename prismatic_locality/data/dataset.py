@@ -15,7 +15,7 @@ work) and reports the skipped file, which the trainer counts and logs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, Iterable, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -48,7 +48,8 @@ class SeededImages(Dataset):
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key
         skipped: List[str] = []
-        for attempt in range(MAX_CONSECUTIVE_UNREADABLE):
+        tries = min(MAX_CONSECUTIVE_UNREADABLE, len(self.source))
+        for attempt in range(tries):
             j = (index + attempt) % len(self.source)
             try:
                 img = self.source.load(j)
@@ -57,13 +58,33 @@ class SeededImages(Dataset):
                 continue
             # the augmentation is keyed on the slot (index), not on the substitute file
             return self.transform(img, sample_rng(self.seed, epoch, index)), skipped
-        raise ValueError(f"{MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images from {self.source.name(index)}")
+        what = f"all {tries} images" if tries == len(self.source) else f"{tries} consecutive images from {self.source.name(index)}"
+        raise ValueError(f"{what} are unreadable, e.g. {skipped[0]}")
 
 
 def collate(batch):
     images = torch.stack([b[0] for b in batch])
     skipped = [name for b in batch for name in b[1]]
     return images, skipped
+
+
+def surface_worker_errors(loader: Iterable) -> Iterator:
+    """Iterate a DataLoader; a user error (ValueError, OSError) raised in a worker process is re-raised
+    with its own one-line message, not the worker's traceback that torch folds into it."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (ValueError, OSError) as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            if not lines or "DataLoader worker process" not in lines[0]:
+                raise
+            # the traceback's last line is "ValueError: <message>" (or "pkg.module.Error: <message>")
+            name, _, message = lines[-1].partition(": ")
+            raise type(e)(message if name.split(".")[-1] == type(e).__name__ else lines[-1]) from None
+        yield batch
 
 
 @dataclass
@@ -114,4 +135,4 @@ class GlobalBatchOrder:
                 yield [(epoch, int(i)) for i in mine[j * self.micro_batch: (j + 1) * self.micro_batch]]
 
 
-__all__ = ["SeededImages", "GlobalBatchOrder", "collate", "epoch_permutation", "sample_rng"]
+__all__ = ["SeededImages", "GlobalBatchOrder", "collate", "surface_worker_errors", "epoch_permutation", "sample_rng"]

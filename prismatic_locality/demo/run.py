@@ -18,7 +18,6 @@ The wall time is about the same either way. `--precision fp32|bf16` overrides th
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import platform
 import sys
@@ -35,6 +34,7 @@ from ..checkpoint import read_config
 from . import report as R
 from . import scenes as S
 from . import teacher as T
+from .args import build_parser
 
 log = logging.getLogger("prismatic_locality.demo")
 
@@ -191,16 +191,8 @@ def probe_both(args, sizes: Sizes, scenes_root: Path, backbones: dict, out: Path
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="locality demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=0, help="scenes, MaskEmbed order/masks and probe heads (default 0)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: exercises every stage in < 90 s")
-    p.add_argument("--out", default="runs/demo", help="report directory (default runs/demo)")
-    p.add_argument("--teacher", default=str(T.SHIPPED_TEACHER), help="teacher .safetensors (default: shipped)")
-    p.add_argument("--train-teacher", action="store_true", help="train the teacher here instead of loading it")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="MaskEmbed and probe heads; auto = bf16 on a CPU with hardware bf16, else fp32")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    args.teacher = args.teacher or str(T.SHIPPED_TEACHER)
     if args.precision == "auto":
         args.precision = "bf16" if V.cpu_has_native_bf16() else "fp32"
     # Same wall time either way: bf16 autocast is ~1.7x faster where the CPU multiplies bf16 in

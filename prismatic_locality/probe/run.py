@@ -32,12 +32,13 @@ import draccus
 import numpy as np
 import torch
 
-from ..checkpoint import write_json, write_text
+from ..align.config import check_finite, check_range
+from ..checkpoint import check_output_dir, write_json, write_text
 from . import plots
 from .backbone import Backbone, BackboneConfig, load_backbone
 from .datasets import DATASETS, ProbeDataset
-from .features import ProbeSplit, build_split
-from .heads import check_view
+from .features import ProbeSplit, build_split, default_cache_dir
+from .heads import HEADS, check_view
 from .labels import unpack
 from .metrics import size_stratified_recall
 from .train import HeadConfig, OptimConfig, fit_probe, predict
@@ -127,16 +128,43 @@ def run_probe(cfg: ProbeConfig, backbone: Optional[Backbone] = None) -> dict:
         torch.set_num_threads(before)
 
 
-def _run_probe(cfg: ProbeConfig, backbone: Optional[Backbone]) -> dict:
+def validate(cfg: ProbeConfig) -> ProbeConfig:
+    """Fail before any extraction, one line naming the field."""
     if cfg.task not in ("local", "global", "both"):
         raise ValueError(f"task must be local | global | both, got {cfg.task!r}")
     if cfg.dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
     if not cfg.data.root:
         raise ValueError("data.root is required (--data.root DIR)")
-    tasks = ("local", "global") if cfg.task == "both" else (cfg.task,)
-    for task in tasks:  # before any extraction
+    if cfg.head.kind not in HEADS:
+        raise ValueError(f"config field 'head.kind' must be one of {' | '.join(HEADS)}, got {cfg.head.kind!r}")
+    check_finite(cfg)
+    o, h, d = cfg.optim, cfg.head, cfg.data
+    positive = {"optim.lr": o.lr, "optim.batch_size": o.batch_size, "optim.epochs": o.epochs,
+                "optim.eval_batch_size": o.eval_batch_size, "head.depth": h.depth, "head.hidden": h.hidden,
+                "data.train_limit": d.train_limit, "data.val_limit": d.val_limit, "threads": cfg.threads,
+                "extract_batch_size": cfg.extract_batch_size, "size_bins": cfg.size_bins,
+                "figure_classes": cfg.figure_classes}
+    for name, v in positive.items():
+        check_range(name, v, 0, lo_open=True)
+    non_negative = {"optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay, "optim.warmup_steps": o.warmup_steps,
+                    "optim.max_ram_gb": o.max_ram_gb, "head.layer_scale": h.layer_scale,
+                    "data.num_workers": d.num_workers, "figure_images": cfg.figure_images}
+    for name, v in non_negative.items():
+        check_range(name, v, 0)
+    for task in ("local", "global") if cfg.task == "both" else (cfg.task,):
         check_view(cfg.head.view, cfg.head.kind, task)
+    return cfg
+
+
+def _run_probe(cfg: ProbeConfig, backbone: Optional[Backbone]) -> dict:
+    validate(cfg)
+    tasks = ("local", "global") if cfg.task == "both" else (cfg.task,)
+    out = None
+    if cfg.write_outputs:  # where the results go and where the cache grows: writable, before any compute
+        out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg, backbone.name if backbone else cfg.backbone.name)
+        check_output_dir(out, "output_dir")
+    check_output_dir(cfg.cache_dir or default_cache_dir(), "cache_dir")
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     if backbone is None:
@@ -172,8 +200,7 @@ def _run_probe(cfg: ProbeConfig, backbone: Optional[Backbone]) -> dict:
     results = _jsonable(results)
     results["summary"] = summary_line(results)
 
-    if cfg.write_outputs:
-        out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg, backbone.name)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         results["output_dir"] = str(out)
         write_outputs(out, results, val, heads, cfg, device)
@@ -262,9 +289,13 @@ def _backbone_shorthand(argv: list[str]) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = draccus.parse(ProbeConfig, args=_backbone_shorthand(list(argv)), prog="locality probe")
     try:
+        cfg = draccus.parse(ProbeConfig, args=_backbone_shorthand(list(argv)), prog="locality probe",
+                            exit_on_error=False)
         results = run_probe(cfg)
+    except draccus.utils.DraccusException as e:  # a bad argument or value: draccus's message names it
+        print(f"locality probe: error: {' '.join(str(e).split())} (see --help)", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:
         # errors raised in DataLoader workers arrive wrapped with a traceback: keep the last line
         msg = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]

@@ -1,0 +1,30 @@
+"""`locality demo`'s command line, parsed before the demo imports torch and timm (seconds), so a
+usage error or ``--help`` answers at once; the run itself is `demo.run`."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from ..cli import ArgumentParser
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="locality demo",
+                       description="`locality demo`: the paper's claim in miniature, end to end on a CPU, nothing downloaded.")
+    p.add_argument("--seed", type=int, default=0, help="scenes, MaskEmbed order/masks and probe heads (default 0)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: exercises every stage in < 90 s")
+    p.add_argument("--out", default="runs/demo", help="report directory (default runs/demo)")
+    p.add_argument("--teacher", default=None, help="teacher .safetensors (default: the shipped one)")
+    p.add_argument("--train-teacher", action="store_true", help="train the teacher here instead of loading it")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="MaskEmbed and probe heads; auto = bf16 on a CPU with hardware bf16, else fp32")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    build_parser().parse_args(argv)  # usage errors and --help end here, before the heavy imports
+    from .run import main as run
+
+    return run(argv)
