@@ -14,6 +14,8 @@ from prismatic_locality.data import (
     RKRC, EvalTransform, GlobalBatchOrder, ImageFolderSource, SeededImages, TarShardSource, UnreadableImage,
     collate, open_source,
 )
+from prismatic_locality.data import transforms as T
+from prismatic_locality.data.dataset import sample_rng
 from prismatic_locality.data.sources import expand_shards
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -73,11 +75,13 @@ def test_corrupt_images_are_skipped_counted_and_replaced_deterministically(tmp_p
     with pytest.raises(UnreadableImage, match="1.png"):
         src.load(1)
     ds = SeededImages(src, EvalTransform(8, MEAN, STD), seed=0)
-    x, skipped = ds[(0, 1)]                                   # 1.png and 2.jpg bad -> 3.png
-    assert [os.path.basename(s.split(":")[0]) for s in skipped] == ["1.png", "2.jpg"]
+    x, notes = ds[(0, 1)]                                     # 1.png and 2.jpg bad -> 3.png
+    assert [(kind, os.path.basename(name)) for kind, name, _ in notes] == [("unreadable", "1.png"), ("unreadable", "2.jpg")]
+    assert "1.png" in notes[0][2] and "not identify" in notes[0][2]     # the message says why
     assert torch.equal(x, ds[(0, 3)][0])
-    images, names = collate([ds[(0, i)] for i in range(4)])
-    assert images.shape == (4, 3, 8, 8) and len(names) == 3   # 1.png, 2.jpg (for slot 1) + 2.jpg (slot 2)
+    images, notes = collate([ds[(0, i)] for i in range(4)])
+    assert images.shape == (4, 3, 8, 8) and len(notes) == 3   # 1.png, 2.jpg (for slot 1) + 2.jpg (slot 2)
+    assert len({name for _, name, _ in notes}) == 2          # two files: what the trainer counts
 
 
 def test_tar_shards_read_by_offset_match_the_written_images(tmp_path):
@@ -116,8 +120,8 @@ def test_damaged_shard_keeps_what_precedes_the_damage_and_corrupt_members_skip(t
     assert src.damaged_shards == 1
     assert len(src) >= 4                                       # a.tar's four members at least
     ds = SeededImages(src, EvalTransform(8, MEAN, STD), seed=0)
-    _, skipped = ds[(0, 3)]
-    assert skipped and "a.tar:k3.jpg" in skipped[0]
+    _, notes = ds[(0, 3)]
+    assert notes and notes[0][1].endswith("a.tar:k3.jpg")
 
 
 def test_rkrc_is_a_pure_function_of_its_generator():
@@ -174,3 +178,31 @@ def test_global_batch_order_rejects_indivisible_batches():
         GlobalBatchOrder(100, global_batch=10, micro_batch=4, world_size=1)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         GlobalBatchOrder(6, global_batch=8, micro_batch=4)
+
+
+@pytest.mark.parametrize("transform", [RKRC(16, MEAN, STD, scale=(0.08, 0.08)), EvalTransform(16, MEAN, STD)])
+def test_extreme_aspect_ratios_are_cropped_before_resizing_and_reported(tmp_path, monkeypatch, transform):
+    """A 1 x 4000 px image would be resized to 16 x 64000+ px (the short side goes to the model's
+    resolution); it is centre-cropped to MAX_ASPECT first, and the dataset reports the file."""
+    d = tmp_path / "train"
+    d.mkdir()
+    _img(0, size=(4000, 1)).save(d / "strip.png")
+    _img(1, size=(30, 20)).save(d / "ok.png")
+    resized = []
+    real = T.TF.resize
+
+    def spy(img, *a, **k):
+        out = real(img, *a, **k)
+        resized.append(out.size[0] * out.size[1])
+        return out
+
+    monkeypatch.setattr(T.TF, "resize", spy)
+    ds = SeededImages(open_source(str(tmp_path), "train"), transform, seed=0)
+    x, notes = ds[(0, 1)]
+    assert x.shape == (3, 16, 16) and torch.isfinite(x).all()
+    bound = (16 * 4) ** 2 * T.MAX_ASPECT                      # zoom <= 1/sqrt(0.08) x aspect <= 1.16
+    assert max(resized) <= bound, (max(resized), bound)
+    assert [(k, os.path.basename(n)) for k, n, _ in notes] == [("cropped", "strip.png")] and "4000x1" in notes[0][2]
+    resized.clear()
+    y, notes = ds[(0, 0)]                                     # an ordinary image: untouched, not reported
+    assert notes == [] and torch.equal(y, transform(Image.open(d / "ok.png").convert("RGB"), sample_rng(0, 0, 0)))
