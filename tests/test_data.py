@@ -206,3 +206,36 @@ def test_extreme_aspect_ratios_are_cropped_before_resizing_and_reported(tmp_path
     resized.clear()
     y, notes = ds[(0, 0)]                                     # an ordinary image: untouched, not reported
     assert notes == [] and torch.equal(y, transform(Image.open(d / "ok.png").convert("RGB"), sample_rng(0, 0, 0)))
+
+
+def test_a_garbled_member_header_mid_shard_is_detected_counted_and_the_rest_indexed(tmp_path, caplog):
+    """tarfile stops quietly at a garbled header; the index must not silently lose the rest of the shard."""
+    split = tmp_path / "train"
+    split.mkdir()
+    members = []
+    for i in range(64):
+        members += [(f"s{i:03d}.png", _encode(_img(i, size=(6, 5)), "PNG")), (f"s{i:03d}.cls", b"1")]
+    _write_tar(split / "a.tar", members)
+    raw = bytearray((split / "a.tar").read_bytes())
+    with tarfile.open(split / "a.tar") as tar:
+        victim = next(m for m in tar if m.name == "s010.png")
+    raw[victim.offset: victim.offset + 100] = b"\xff" * 100     # the name field: checksum now wrong
+    (split / "a.tar").write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        src = open_source(str(tmp_path), "train", format="wds")
+    assert src.damaged_shards == 1
+    assert len(src) == 63 and not any("s010" in src.name(i) for i in range(len(src)))
+    assert np.array_equal(np.asarray(src.load(62)), np.asarray(_img(63, size=(6, 5))))   # after the damage
+    warning = [r.getMessage() for r in caplog.records if "a.tar" in r.getMessage()]
+    assert len(warning) == 1 and "1 sample" in warning[0] and str(victim.offset) in warning[0], warning
+
+
+def test_a_healthy_shard_is_not_reported_damaged(tmp_path, caplog):
+    split = tmp_path / "train"
+    split.mkdir()
+    _write_tar(split / "a.tar", [(f"s{i}.png", _encode(_img(i), "PNG")) for i in range(3)])
+    with open(split / "b.tar", "wb") as f:   # two archives back to back (cat a.tar a.tar): zero blocks between
+        f.write((split / "a.tar").read_bytes() * 2)
+    with caplog.at_level("WARNING"):
+        src = open_source(str(tmp_path), "train", format="wds")
+    assert src.damaged_shards == 0 and len(src) == 6 and not caplog.records
