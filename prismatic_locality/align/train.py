@@ -12,6 +12,7 @@ state reaches bit-identical weights on CPU.
 
 Output: ``{output_dir}/{run_name}/`` with config.yaml, metrics.jsonl, state/ (latest training
 state), aligned/ (the aligned checkpoint, `checkpoint.save_aligned`), epoch-NNN/ (optional).
+SIGTERM/SIGINT end the run after the current step with a saved training state (`StopSignals`).
 """
 from __future__ import annotations
 
