@@ -130,20 +130,18 @@ def recover_dir(out_dir: Path) -> Optional[str]:
         if kind in stale and pid.isdigit() and p.is_dir() and not _writer_alive(p.name, int(pid)):
             stale[kind].append(p)
     recovered = None
-    newest = lambda ps: max(ps, key=lambda p: p.stat().st_mtime)  # noqa: E731
-    if stale[_NEW]:  # killed between "complete" and "in place": the newest version there is
-        src = newest(stale[_NEW])
-        if out_dir.exists():
-            os.replace(out_dir, out_dir.with_name(src.name.replace(f".{_NEW}-", f".{_OLD}-", 1)))
-            stale[_OLD].append(out_dir.with_name(src.name.replace(f".{_NEW}-", f".{_OLD}-", 1)))
+    src = (max(stale[_NEW], key=lambda p: p.stat().st_mtime) if stale[_NEW]    # killed after "complete"
+           else max(stale[_OLD], key=lambda p: p.stat().st_mtime) if stale[_OLD] and not out_dir.exists()
+           else None)                                                           # (a complete old copy)
+    if src is not None:
+        stale[_NEW if src in stale[_NEW] else _OLD].remove(src)
+        if out_dir.exists():  # the version the interrupted write was replacing
+            suffix = src.name[len(out_dir.name) + 2:].partition("-")[2]
+            aside = out_dir.with_name(f".{out_dir.name}.{_OLD}-{suffix}")
+            os.replace(out_dir, aside)
+            stale[_OLD].append(aside)
         os.replace(src, out_dir)
-        stale[_NEW].remove(src)
-        recovered = f"recovered {out_dir} from {src.name} (a write was interrupted before its final rename)"
-    elif stale[_OLD] and not out_dir.exists():  # killed after moving the old version aside
-        src = newest(stale[_OLD])
-        os.replace(src, out_dir)
-        stale[_OLD].remove(src)
-        recovered = f"recovered {out_dir} from {src.name} (a write was interrupted before its final rename)"
+        recovered = f"recovered {out_dir} from {src.name} (a write was interrupted between its renames)"
     for p in stale[_TMP] + stale[_NEW] + stale[_OLD]:
         shutil.rmtree(p, ignore_errors=True)
     return recovered
