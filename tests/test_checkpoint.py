@@ -168,3 +168,7 @@ def test_files_get_the_permissions_of_a_plain_open(tmp_path):
     atomic_dir_write(tmp_path / "c", write)
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "c").iterdir()}
     assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~checkpoint._umask(), modes
+    enc, dec = trained_pair()                        # and a real checkpoint
+    name, kw = TINY["clip"]
+    out = save_aligned(tmp_path / "real", enc, dec, model_name=name, softcap=30.0, timm_kwargs=kw)
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o666 & ~checkpoint._umask()}
