@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from prismatic_locality.align.config import parse_config
 from prismatic_locality.align.train import train
+from prismatic_locality.checkpoint import recover_dir
 
 from test_align_train import TINY, write_tree  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -85,6 +86,7 @@ def test_sigkilled_run_resumes_bit_identically(tmp_path):
         time.sleep(0.02)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    recover_dir(state.parent)   # the kill may have hit the instant inside the state swap (the trainer does this too)
     killed_at = json.loads(state.read_text())["step"]
     assert 3 <= killed_at < 24
 

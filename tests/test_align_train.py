@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import signal
 import sys
 import tarfile
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +18,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import prismatic_locality.checkpoint as CK
 import prismatic_locality.maskembed as ME
 from prismatic_locality.align.config import parse_config
-from prismatic_locality.align.train import NonFiniteLoss, train
+from prismatic_locality.align.train import NonFiniteLoss, main, train
 from prismatic_locality.checkpoint import CheckpointError, load_aligned, read_config
 
 TINY = '{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}'
@@ -38,18 +43,53 @@ def write_tree(root, n_train=16, n_val=8, seed=0):
     return root
 
 
-def tiny_cfg(tmp_path, *extra):
-    return parse_config([
+def tiny_args(tmp_path, *extra):
+    return [
         "--recipe", "demo", "--data.root", str(tmp_path / "data"), "--output_dir", str(tmp_path / "runs"),
         "--teacher.timm_kwargs", TINY, "--global_batch", "8", "--micro_batch", "4", "--max_steps", "6",
         "--data.val_batch_size", "4", "--log_every", "1", "--save_every", "2", "--optim.lr", "1e-3",
         "--data.augment", "rkrc", "--teacher.target", "penultimate",
         "--data.train_split", "train", "--data.val_split", "val", *extra,
-    ])
+    ]
+
+
+def tiny_cfg(tmp_path, *extra):
+    return parse_config(tiny_args(tmp_path, *extra))
+
+
+def strict_json(line: str):
+    """What a strict JSON parser accepts (no NaN/Infinity)."""
+    def reject(c):
+        raise ValueError(f"not JSON: {c}")
+    return json.loads(line, parse_constant=reject)
 
 
 def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [strict_json(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+TIMING = ("img_per_s", "tflops_per_proc", "mfu")
+
+
+def logged(run_dir):
+    """metrics.jsonl without the wall-clock fields: what two runs of the same config must agree on."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics(run_dir)]
+
+
+def same_weights(a_dir, b_dir) -> bool:
+    a, b = load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def count_loss_calls(monkeypatch) -> dict:
+    real, calls = ME.reconstruction_loss, {"n": 0}
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(ME, "reconstruction_loss", counting)
+    return calls
 
 
 class Crash(Exception):
@@ -195,7 +235,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(tmp_path, mo
     state = tmp_path / "runs" / "demo" / "state"
     assert json.loads((state / "state.json").read_text())["step"] == 3    # save_every 3
     assert all(torch.isfinite(t).all() for t in load_file(str(state / "model.safetensors")).values())
-    assert metrics(state.parent)[-1] == {**metrics(state.parent)[-1], "step": 4, "event": "non_finite"}
+    last = metrics(state.parent)[-1]              # strict JSON: NaN is written as null and flagged
+    assert last == {**last, "step": 4, "event": "non_finite", "loss": None} and "loss" in last["non_finite"]
 
 
 def test_corrupt_images_are_skipped_counted_and_the_run_continues(tmp_path, data):
@@ -206,10 +247,14 @@ def test_corrupt_images_are_skipped_counted_and_the_run_continues(tmp_path, data
     buf = io.BytesIO()
     Image.open(io.BytesIO(raw)).convert("RGB").save(buf, format="JPEG")
     (d / "004.jpg").write_bytes(buf.getvalue()[:300])               # truncated JPEG
+    Image.new("RGB", (600, 2), (200, 10, 10)).save(d / "005.png")   # extreme aspect ratio: cropped, counted
     out = train(tiny_cfg(tmp_path, "--max_steps", "4"))
     rows = [r for r in metrics(out.parent) if "loss" in r]
-    assert len(rows) == 4 and rows[-1]["skipped_images"] >= 4        # both files, in each of 2 epochs
-    assert read_config(out)["training"]["counters"]["skipped_images"] == rows[-1]["skipped_images"]
+    assert len(rows) == 4 and rows[-1]["skipped_images"] == 2        # files, not skip events (2 epochs)
+    assert rows[-1]["cropped_images"] == 1
+    counters = read_config(out)["training"]["counters"]
+    assert counters["skipped_images"] == rows[-1]["skipped_images"] and counters["cropped_images"] == 1
+    assert sorted(Path(f).name for f in counters["skipped_files"]) == ["003.png", "004.jpg"]
 
 
 def test_trains_from_webdataset_shards(tmp_path):
@@ -228,3 +273,100 @@ def test_trains_from_webdataset_shards(tmp_path):
     rows = [r for r in metrics(out.parent) if "loss" in r]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
     assert load_aligned(out).spec.num_tokens == 17
+
+
+def test_a_kill_inside_the_state_swap_resumes_from_the_complete_copy(tmp_path, data, monkeypatch):
+    """A kill between the renames that replace state/ (no state/ on disk for an instant)."""
+    ref = train(tiny_cfg(tmp_path, "--run_name", "ref"))
+    state = tmp_path / "runs" / "crash" / "state"
+    real, puts = os.replace, {"n": 0}
+
+    def replace(src, dst):
+        if Path(dst) == state:
+            puts["n"] += 1
+            if puts["n"] == 2:                   # the save at step 4, before state/ is back in place
+                raise Crash("killed between the renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(CK.os, "replace", replace)
+    with pytest.raises(Crash):
+        train(tiny_cfg(tmp_path, "--run_name", "crash"))
+    monkeypatch.setattr(CK.os, "replace", real)
+    assert not state.exists()
+    calls = count_loss_calls(monkeypatch)
+    out = train(tiny_cfg(tmp_path, "--run_name", "crash"))
+    assert calls["n"] == 2 * 2 + 2                # steps 5-6 (2 micro-batches each) + validation: resumed at 4
+    assert same_weights(ref, out) and logged(ref.parent) == logged(out.parent)
+    assert sorted(p.name for p in state.parent.iterdir() if p.name.startswith(".state")) == []
+
+
+def test_a_run_with_a_history_but_no_state_is_not_silently_restarted(tmp_path, data):
+    train(tiny_cfg(tmp_path, "--max_steps", "4"))
+    run = tmp_path / "runs" / "demo"
+    shutil.rmtree(run / "state")
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl.*step 4.*--resume never"):
+        train(tiny_cfg(tmp_path, "--max_steps", "4"))
+    assert (run / "metrics.jsonl").read_text() == before  # nothing overwritten
+    train(tiny_cfg(tmp_path, "--max_steps", "4", "--resume", "never"))   # the explicit way to start over
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_other_damage_names_the_file(tmp_path, data, monkeypatch):
+    ref = train(tiny_cfg(tmp_path, "--run_name", "ref"))
+    real = crash_at_loss_call(monkeypatch, 7)    # in step 3, state saved at step 2
+    with pytest.raises(Crash):
+        train(tiny_cfg(tmp_path, "--run_name", "crash"))
+    monkeypatch.setattr(ME, "reconstruction_loss", real)
+    log_file = tmp_path / "runs" / "crash" / "metrics.jsonl"
+    with open(log_file, "a") as f:
+        f.write('{"step": 3, "epoch": 1.5, "lo')  # what a kill or a full disk leaves
+    out = train(tiny_cfg(tmp_path, "--run_name", "crash"))
+    assert logged(ref.parent) == logged(out.parent)
+
+    lines = log_file.read_text().splitlines()
+    log_file.write_text("\n".join(lines[:2] + ["{garbage"] + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 3 is not JSON"):
+        train(tiny_cfg(tmp_path, "--run_name", "crash"))
+
+
+def test_the_logged_loss_window_after_a_resume_equals_an_uninterrupted_run(tmp_path, data, monkeypatch):
+    ref = train(tiny_cfg(tmp_path, "--run_name", "ref", "--log_every", "3"))
+    real = crash_at_loss_call(monkeypatch, 7)    # in step 3; resumes at step 2, the log at 3 covers 1-3
+    with pytest.raises(Crash):
+        train(tiny_cfg(tmp_path, "--run_name", "crash", "--log_every", "3"))
+    monkeypatch.setattr(ME, "reconstruction_loss", real)
+    out = train(tiny_cfg(tmp_path, "--run_name", "crash", "--log_every", "3"))
+    assert [r["step"] for r in metrics(ref.parent) if "loss" in r] == [3, 6]
+    assert logged(ref.parent) == logged(out.parent) and same_weights(ref, out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_state_and_exits_with_one_line(tmp_path, data, monkeypatch, capsys, sig):
+    ref = train(tiny_cfg(tmp_path, "--run_name", "ref"))
+    real, calls = ME.reconstruction_loss, {"n": 0}
+
+    def signalling(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:                      # during step 3 (the state was saved at step 2)
+            os.kill(os.getpid(), sig)
+        return real(*a, **k)
+
+    def unhandled(*_):
+        raise Crash("the trainer did not handle the signal")
+
+    previous = signal.signal(sig, unhandled)
+    try:
+        monkeypatch.setattr(ME, "reconstruction_loss", signalling)
+        rc = main(tiny_args(tmp_path, "--run_name", "crash"))
+        assert signal.getsignal(sig) is unhandled            # the trainer's handler is removed again
+    finally:
+        signal.signal(sig, previous)
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("locality align")]   # besides tqdm's bar
+    assert rc == 128 + sig and "Traceback" not in err and len(said) == 1, err
+    assert signal.Signals(sig).name in said[0] and "step 3" in said[0] and "resume" in said[0]
+    state = tmp_path / "runs" / "crash" / "state"
+    assert json.loads((state / "state.json").read_text())["step"] == 3
+    monkeypatch.setattr(ME, "reconstruction_loss", real)
+    out = train(tiny_cfg(tmp_path, "--run_name", "crash"))
+    assert same_weights(ref, out) and logged(ref.parent) == logged(out.parent)

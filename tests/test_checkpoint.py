@@ -1,13 +1,20 @@
 import copy
 import json
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from prismatic_locality import checkpoint
 from prismatic_locality import vit as V
-from prismatic_locality.checkpoint import (CheckpointError, is_aligned_checkpoint, load_aligned, read_config,
-                                           save_aligned)
+from prismatic_locality.checkpoint import (CheckpointError, atomic_dir_write, is_aligned_checkpoint, load_aligned,
+                                           read_config, save_aligned)
 from prismatic_locality.decoder import MaskEmbedDecoder
 from prismatic_locality.maskembed import default_decoder_config, encode, make_encoder
 
@@ -104,3 +111,64 @@ def test_errors_name_the_file(tmp_path):
     (out / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_aligned(out)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+class Killed(BaseException):
+    pass
+
+
+def _kill_between_the_renames(monkeypatch):
+    """Make the rename that puts the new version in place fail as a kill would (nothing after it runs)."""
+    real = os.replace
+
+    def replace(src, dst):
+        if f".{Path(dst).name}.new-" in Path(src).name:
+            raise Killed
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    return real
+
+
+def test_a_kill_between_the_renames_is_recovered_by_the_next_write_or_read(tmp_path, monkeypatch):
+    out = tmp_path / "state"
+    atomic_dir_write(out, lambda d: (d / "v").write_text("1"))
+    real = _kill_between_the_renames(monkeypatch)
+    with pytest.raises(Killed):
+        atomic_dir_write(out, lambda d: (d / "v").write_text("2"))
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    # what a kill leaves: no state/, the old version moved aside, the new one complete beside it
+    assert not out.exists() and len(list(tmp_path.iterdir())) == 2
+    assert "recovered" in checkpoint.recover_dir(out)
+    assert (out / "v").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+
+
+def test_stale_temp_dirs_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    dead, live = _dead_pid(), os.getppid()
+    (tmp_path / f".c.tmp-{dead}-abc").mkdir()                        # a half-written copy: dropped
+    (tmp_path / f".c.tmp-{live}-xyz").mkdir()                        # another live process: kept
+    (tmp_path / f".c.old-{dead}-def").mkdir()
+    atomic_dir_write(tmp_path / "c", lambda d: (d / "v").write_text("1"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".c.tmp-{live}-xyz", "c"]
+
+
+def test_files_get_the_permissions_of_a_plain_open(tmp_path):
+    def write(d):
+        fd, name = tempfile.mkstemp(dir=d)          # 0600, as safetensors 0.8 writes model.safetensors
+        os.close(fd)
+        os.rename(name, d / "model.safetensors")
+        (d / "config.json").write_text("{}")
+
+    atomic_dir_write(tmp_path / "c", write)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "c").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~checkpoint._umask(), modes
+    enc, dec = trained_pair()                        # and a real checkpoint
+    name, kw = TINY["clip"]
+    out = save_aligned(tmp_path / "real", enc, dec, model_name=name, softcap=30.0, timm_kwargs=kw)
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o666 & ~checkpoint._umask()}

@@ -14,6 +14,8 @@ from prismatic_locality.data import (
     RKRC, EvalTransform, GlobalBatchOrder, ImageFolderSource, SeededImages, TarShardSource, UnreadableImage,
     collate, open_source,
 )
+from prismatic_locality.data import transforms as T
+from prismatic_locality.data.dataset import sample_rng
 from prismatic_locality.data.sources import expand_shards
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -73,11 +75,13 @@ def test_corrupt_images_are_skipped_counted_and_replaced_deterministically(tmp_p
     with pytest.raises(UnreadableImage, match="1.png"):
         src.load(1)
     ds = SeededImages(src, EvalTransform(8, MEAN, STD), seed=0)
-    x, skipped = ds[(0, 1)]                                   # 1.png and 2.jpg bad -> 3.png
-    assert [os.path.basename(s.split(":")[0]) for s in skipped] == ["1.png", "2.jpg"]
+    x, notes = ds[(0, 1)]                                     # 1.png and 2.jpg bad -> 3.png
+    assert [(kind, os.path.basename(name)) for kind, name, _ in notes] == [("unreadable", "1.png"), ("unreadable", "2.jpg")]
+    assert "1.png" in notes[0][2] and "not identify" in notes[0][2]     # the message says why
     assert torch.equal(x, ds[(0, 3)][0])
-    images, names = collate([ds[(0, i)] for i in range(4)])
-    assert images.shape == (4, 3, 8, 8) and len(names) == 3   # 1.png, 2.jpg (for slot 1) + 2.jpg (slot 2)
+    images, notes = collate([ds[(0, i)] for i in range(4)])
+    assert images.shape == (4, 3, 8, 8) and len(notes) == 3   # 1.png, 2.jpg (for slot 1) + 2.jpg (slot 2)
+    assert len({name for _, name, _ in notes}) == 2          # two files: what the trainer counts
 
 
 def test_tar_shards_read_by_offset_match_the_written_images(tmp_path):
@@ -116,8 +120,8 @@ def test_damaged_shard_keeps_what_precedes_the_damage_and_corrupt_members_skip(t
     assert src.damaged_shards == 1
     assert len(src) >= 4                                       # a.tar's four members at least
     ds = SeededImages(src, EvalTransform(8, MEAN, STD), seed=0)
-    _, skipped = ds[(0, 3)]
-    assert skipped and "a.tar:k3.jpg" in skipped[0]
+    _, notes = ds[(0, 3)]
+    assert notes and notes[0][1].endswith("a.tar:k3.jpg")
 
 
 def test_rkrc_is_a_pure_function_of_its_generator():
@@ -174,3 +178,64 @@ def test_global_batch_order_rejects_indivisible_batches():
         GlobalBatchOrder(100, global_batch=10, micro_batch=4, world_size=1)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         GlobalBatchOrder(6, global_batch=8, micro_batch=4)
+
+
+@pytest.mark.parametrize("transform", [RKRC(16, MEAN, STD, scale=(0.08, 0.08)), EvalTransform(16, MEAN, STD)])
+def test_extreme_aspect_ratios_are_cropped_before_resizing_and_reported(tmp_path, monkeypatch, transform):
+    """A 1 x 4000 px image would be resized to 16 x 64000+ px (the short side goes to the model's
+    resolution); it is centre-cropped to MAX_ASPECT first, and the dataset reports the file."""
+    d = tmp_path / "train"
+    d.mkdir()
+    _img(0, size=(4000, 1)).save(d / "strip.png")
+    _img(1, size=(30, 20)).save(d / "ok.png")
+    resized = []
+    real = T.TF.resize
+
+    def spy(img, *a, **k):
+        out = real(img, *a, **k)
+        resized.append(out.size[0] * out.size[1])
+        return out
+
+    monkeypatch.setattr(T.TF, "resize", spy)
+    ds = SeededImages(open_source(str(tmp_path), "train"), transform, seed=0)
+    x, notes = ds[(0, 1)]
+    assert x.shape == (3, 16, 16) and torch.isfinite(x).all()
+    bound = (16 * 4) ** 2 * T.MAX_ASPECT                      # zoom <= 1/sqrt(0.08) x aspect <= 1.16
+    assert max(resized) <= bound, (max(resized), bound)
+    assert [(k, os.path.basename(n)) for k, n, _ in notes] == [("cropped", "strip.png")] and "4000x1" in notes[0][2]
+    resized.clear()
+    y, notes = ds[(0, 0)]                                     # an ordinary image: untouched, not reported
+    assert notes == [] and torch.equal(y, transform(Image.open(d / "ok.png").convert("RGB"), sample_rng(0, 0, 0)))
+
+
+def test_a_garbled_member_header_mid_shard_is_detected_counted_and_the_rest_indexed(tmp_path, caplog):
+    """tarfile stops quietly at a garbled header; the index must not silently lose the rest of the shard."""
+    split = tmp_path / "train"
+    split.mkdir()
+    members = []
+    for i in range(64):
+        members += [(f"s{i:03d}.png", _encode(_img(i, size=(6, 5)), "PNG")), (f"s{i:03d}.cls", b"1")]
+    _write_tar(split / "a.tar", members)
+    raw = bytearray((split / "a.tar").read_bytes())
+    with tarfile.open(split / "a.tar") as tar:
+        victim = next(m for m in tar if m.name == "s010.png")
+    raw[victim.offset: victim.offset + 100] = b"\xff" * 100     # the name field: checksum now wrong
+    (split / "a.tar").write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        src = open_source(str(tmp_path), "train", format="wds")
+    assert src.damaged_shards == 1
+    assert len(src) == 63 and not any("s010" in src.name(i) for i in range(len(src)))
+    assert np.array_equal(np.asarray(src.load(62)), np.asarray(_img(63, size=(6, 5))))   # after the damage
+    warning = [r.getMessage() for r in caplog.records if "a.tar" in r.getMessage()]
+    assert len(warning) == 1 and "1 sample" in warning[0] and str(victim.offset) in warning[0], warning
+
+
+def test_a_healthy_shard_is_not_reported_damaged(tmp_path, caplog):
+    split = tmp_path / "train"
+    split.mkdir()
+    _write_tar(split / "a.tar", [(f"s{i}.png", _encode(_img(i), "PNG")) for i in range(3)])
+    with open(split / "b.tar", "wb") as f:   # two archives back to back (cat a.tar a.tar): zero blocks between
+        f.write((split / "a.tar").read_bytes() * 2)
+    with caplog.at_level("WARNING"):
+        src = open_source(str(tmp_path), "train", format="wds")
+    assert src.damaged_shards == 0 and len(src) == 6 and not caplog.records

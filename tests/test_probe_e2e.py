@@ -414,3 +414,41 @@ def test_compare_ranks_class_changes_within_things_and_stuff(tmp_path):
     assert "- stuff: most improved grass (+5.0); most declined sky-other (-20.0)" in table
     assert (tmp_path / "cmp" / "compare_class_aligned.png").stat().st_size > 0
     assert table in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_a_waiting_extraction_says_whom_it_waits_for_and_reports_reuse_truthfully(tmp_path, caplog):
+    import threading
+
+    root = write_coco(tmp_path / "coco", n_train=4)
+    bb = Backbone(tiny_vit("in1k"), "timm", "tiny")
+    ds = ProbeDataset("coco-stuff", root, "train", 32, 8)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    feat_dir = cache / f"features-{F.features_key(bb, ds, 'fp32')}"
+    lab_dir = cache / f"labels-{F.labels_key(ds)}"
+    result = {}
+    with caplog.at_level("INFO", logger=F.__name__):
+        with F._locked(lab_dir), F._locked(feat_dir):    # as if another process were extracting both
+            t = threading.Thread(target=lambda: result.update(split=F.build_split(ds, bb, cache, batch_size=4)))
+            t.start()
+            t.join(timeout=2.0)
+            assert t.is_alive()
+            # ... and that process finishes the caches while the thread waits
+            F._extract_locked(ds, bb, lab_dir, feat_dir, 4, 0, torch.device("cpu"), "fp32", "other")
+        t.join(timeout=60)
+    assert not t.is_alive()
+    waits = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
+    assert waits and f"pid {os.getpid()}" in waits[0] and lab_dir.name in waits[0], waits
+    assert result["split"].features_cached                 # it reused the other process's features
+
+
+def test_a_damaged_finished_cache_names_the_directory_and_how_to_rebuild(tmp_path):
+    root = write_coco(tmp_path / "coco", n_train=4)
+    bb = Backbone(tiny_vit("in1k"), "timm", "tiny")
+    ds = ProbeDataset("coco-stuff", root, "train", 32, 8)
+    split = F.build_split(ds, bb, tmp_path / "cache", batch_size=4)
+    feats = split.features_dir / "features.npy"
+    del split
+    feats.write_bytes(feats.read_bytes()[:300])             # e.g. a disk that filled up, a partial copy
+    with pytest.raises(ValueError, match=r"features-\w+ is damaged .*features.npy.*delete .* rebuild"):
+        F.build_split(ds, bb, tmp_path / "cache", batch_size=4)

@@ -1,12 +1,14 @@
 """Training state: everything a killed run needs to continue bit-identically.
 
-``{run_dir}/state/`` is written atomically as a whole directory (temp dir + rename), so a kill during
-a save leaves the previous state intact:
+``{run_dir}/state/`` is written atomically as a whole directory (`checkpoint.atomic_dir_write`), so a
+kill during a save leaves the previous state intact, or, in the instant between the renames that
+swap it, a complete copy beside it that the next run puts back (`checkpoint.recover_dir`):
 
 - ``model.safetensors``: the student (``encoder.*``, ``decoder.*``), the same keys as an aligned checkpoint;
 - ``optimizer.pt``: AdamW's state dict (tensors and numbers only; read with ``weights_only=True``);
 - ``state.json``: step, epoch, the target scale (so a resume does not re-estimate it), the full
-  config, counters.
+  config, counters (files skipped or cropped), the log window open at the save (so the first log
+  record after a resume averages the same steps as an uninterrupted run's).
 
 Nothing else is needed: data order, augmentation and masks are pure functions of (seed, step), and
 the model has no dropout, so there is no RNG state to restore.

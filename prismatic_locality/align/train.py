@@ -12,6 +12,7 @@ state reaches bit-identical weights on CPU.
 
 Output: ``{output_dir}/{run_name}/`` with config.yaml, metrics.jsonl, state/ (latest training
 state), aligned/ (the aligned checkpoint, `checkpoint.save_aligned`), epoch-NNN/ (optional).
+SIGTERM/SIGINT end the run after the current step with a saved training state (`StopSignals`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
@@ -34,8 +37,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import vit as V
-from ..checkpoint import CheckpointError, check_output_dir, save_aligned
+from ..checkpoint import CheckpointError, check_output_dir, recover_dir, save_aligned
 from ..data import RKRC, EvalTransform, GlobalBatchOrder, SeededImages, collate, open_source, surface_worker_errors
+from ..data.dataset import CROPPED, UNREADABLE
 from ..decoder import MaskEmbedDecoder
 from ..maskembed import (MaskEmbed, Teacher, default_decoder_config, estimate_target_scale, make_encoder, peak_tflops,
                          train_flops_per_image)
@@ -52,6 +56,46 @@ TRAIN_STREAM, VAL_STREAM = 0, 1  # mask generator streams (masks.step_generator)
 
 class NonFiniteLoss(FloatingPointError):
     """The loss or gradient became NaN/Inf; the message names the step and the last good state."""
+
+
+class Stopped(Exception):
+    """SIGTERM/SIGINT stopped the run after saving its training state; `signum` is the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """While active, SIGTERM (what schedulers send before a kill) and SIGINT only set `signum`: the
+    loop finishes its step, saves the training state and stops. A second SIGINT stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, _frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *_):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which saves before it stops
+    (a signal sent to the whole process group would otherwise kill them first)."""
+    for sig in StopSignals.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,9 +187,9 @@ class Metrics:
         if resume_step is None:
             path.unlink(missing_ok=True)
         elif path.exists():  # drop what the interrupted run logged after its last saved state
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
             tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(k + "\n" for k in keep))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
             os.replace(tmp, path)
         if cfg.wandb:
             try:
@@ -163,8 +207,11 @@ class Metrics:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        # strict JSON: a NaN/Inf value is written as null, and named with its value in "non_finite"
+        bad = {k: str(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+        line = {**record, **dict.fromkeys(bad), **({"non_finite": bad} if bad else {})}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(line, allow_nan=False) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
 
@@ -178,6 +225,26 @@ class Metrics:
 
     def __exit__(self, exc_type, *_):
         self.close(failed=exc_type is not None)
+
+
+def read_metrics(path: Path) -> List[dict]:
+    """The records of a metrics.jsonl. A torn last line (what a kill or a full disk leaves) is
+    dropped with a warning; any other line that is not JSON is an error naming the file and line."""
+    lines = path.read_text().split("\n")  # a complete file ends with "\n": the last item is ""
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                log.warning("%s: dropping its torn last line (%d bytes; the previous run was interrupted while "
+                            "writing it)", path, len(line))
+                continue
+            raise ValueError(f"{path}: line {i} is not JSON ({e.msg}); repair or delete that line, or pass "
+                             f"--resume never to start the run over") from None
+    return records
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,10 +264,10 @@ def val_batches(cfg: AlignConfig, dataset: SeededImages, sampler, info: D.DistIn
                          f"{vb}, fewer than the {info.world_size} processes; lower it")
     mine = [[(0, i) for i in range(b * vb, min(n, (b + 1) * vb))] for b in range(info.rank, num_batches, info.world_size)]
     loader = DataLoader(dataset, batch_sampler=mine, collate_fn=collate, num_workers=cfg.data.workers,
-                        pin_memory=device.type == "cuda")
-    for b, (images, skipped) in zip(range(info.rank, num_batches, info.world_size), surface_worker_errors(loader)):
-        for name in skipped:
-            log.warning("skipped unreadable held-out image %s", name)
+                        pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals)
+    for b, (images, notes) in zip(range(info.rank, num_batches, info.world_size), surface_worker_errors(loader)):
+        for _, _, message in notes:
+            log.warning("held-out data: %s", message)
         masks = sampler(images.shape[0], step_generator(cfg.seed, b, device, stream=VAL_STREAM))
         yield images.to(device, non_blocking=True), masks
 
@@ -219,18 +286,14 @@ def validation_loss(model: MaskEmbed, batches, autocast, info: D.DistInfo, devic
 
 
 def accumulate_gradients(forward, ddp: Optional[DDP], batches, masks: torch.Tensor, order: GlobalBatchOrder,
-                         autocast, device: torch.device, seen_bad: set) -> Tuple[torch.Tensor, int]:
+                         autocast, device: torch.device) -> Tuple[torch.Tensor, list]:
     """Forward/backward this rank's micro-batches of one step (DDP syncs on the last one only).
-    Returns the rank's mean loss (no host sync) and the number of images skipped as unreadable."""
+    Returns the rank's mean loss (no host sync) and the data notes (unreadable/cropped files)."""
     loss_sum = torch.zeros((), device=device)
-    skipped_now = 0
+    notes = []
     for j in range(order.accum_steps):
-        images, skipped = next(batches)
-        for name in skipped:
-            skipped_now += 1
-            if name not in seen_bad:
-                seen_bad.add(name)
-                log.warning("skipped unreadable image %s", name)
+        images, batch_notes = next(batches)
+        notes += batch_notes
         images = images.to(device, non_blocking=True)
         m = masks[j * order.micro_batch: (j + 1) * order.micro_batch]
         sync = ddp is None or j == order.accum_steps - 1
@@ -239,7 +302,22 @@ def accumulate_gradients(forward, ddp: Optional[DDP], batches, masks: torch.Tens
                 loss = forward(images, m)
             (loss / order.accum_steps).backward()
         loss_sum += loss.detach() / order.accum_steps
-    return loss_sum, skipped_now
+    return loss_sum, notes
+
+
+def record_new_files(notes: list, seen: dict, info: D.DistInfo, any_new: bool) -> None:
+    """Add the files named in `notes` to `seen` (kind -> set of files), on every rank (the union of
+    all ranks' notes when `any_new` says some rank has new ones), and log each file once."""
+    new = sorted({(kind, name, msg) for kind, name, msg in notes if name not in seen[kind]})
+    if info.distributed and any_new:
+        gathered = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, new)
+        new = sorted({note for rank_notes in gathered for note in rank_notes})
+    for kind, name, message in new:
+        if name not in seen[kind]:
+            seen[kind].add(name)
+            if info.is_main:
+                log.warning("%s", message)
 
 
 def clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -258,12 +336,27 @@ def run_dir_of(cfg: AlignConfig) -> Path:
     return Path(cfg.output_dir) / (cfg.run_name or cfg.recipe or "align")
 
 
-def _resume_source(cfg: AlignConfig, run_dir: Path) -> Optional[Path]:
+def _resume_source(cfg: AlignConfig, run_dir: Path, first_save: int) -> Optional[Path]:
+    """The training state to resume from (main process only: it may repair the run directory).
+    `first_save` is the first step at which a training state is written."""
     if cfg.resume == "never":
         return None
+    path = run_dir / "state" if cfg.resume == "auto" else Path(cfg.resume)
+    recovered = recover_dir(path)  # a kill inside the state swap leaves complete copies beside it
+    if recovered:
+        log.warning("%s", recovered)
     if cfg.resume == "auto":
-        return run_dir / "state" if has_state(run_dir / "state") else None
-    path = Path(cfg.resume)
+        if has_state(path):
+            return path
+        restart = "pass --resume never to start the run over, or choose another --run_name"
+        if path.exists():
+            raise CheckpointError(f"{path}: has no state.json, so the run cannot resume; {restart}")
+        log_file = run_dir / "metrics.jsonl"
+        steps = [r["step"] for r in read_metrics(log_file) if "loss" in r] if log_file.is_file() else []
+        if steps and max(steps) >= first_save:  # a state was saved once: never restart silently
+            raise CheckpointError(f"{log_file}: logs training up to step {max(steps)}, but its training state "
+                                  f"{path} is missing, so the run cannot resume; {restart}")
+        return None
     if not has_state(path):
         raise FileNotFoundError(f"config field 'resume': no training state at {path} (expected {path / 'state.json'})")
     return path
@@ -319,8 +412,15 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
     optimizer = build_optimizer(model.named_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
                                 cfg.optim.eps, cfg.optim.exclude_norm_bias_from_wd, fused=device.type == "cuda")
 
-    # Resume or start
-    resume_from = D.broadcast_object(_resume_source(cfg, run_dir), info)
+    # Resume or start (rank 0 decides; an error is raised on every rank)
+    try:
+        first_save = min(cfg.save_every, order.steps_per_epoch, total_steps)
+        decision = (_resume_source(cfg, run_dir, first_save) if info.is_main else None, None)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        decision = (None, e)
+    resume_from, problem = D.broadcast_object(decision, info)
+    if problem is not None:
+        raise problem
     cfg_dict = to_dict(cfg)
     if resume_from is not None:
         saved = read_state_info(resume_from)
@@ -340,7 +440,8 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
                 scale_stats = estimate_target_scale(teacher, val_batches(cfg, val_set, sampler, info, device))
             log.info("target scale 1/std = %.6g (mean %.4g, var %.4g over %d values)", scale_stats["scale"],
                      scale_stats["mean"], scale_stats["var"], scale_stats["count"])
-    skipped_total = counters.get("skipped_images", 0)
+    # files reported by the dataset, each counted once (restored, so a resumed run counts the same)
+    seen = {UNREADABLE: set(counters.get("skipped_files", [])), CROPPED: set(counters.get("cropped_files", []))}
     wall_before = counters.get("wall_time_s", 0.0)
     last_saved_step = step if resume_from is not None else None
 
@@ -372,7 +473,11 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
                 "target_scale": scale_stats, "config": cfg_dict, "world_size": info.world_size,
                 "last_loss": last_loss, "val_loss": val_loss,
                 "wandb_run_id": metrics.wandb_run_id or saved.get("wandb_run_id"),
-                "counters": {"skipped_images": skipped_total, "wall_time_s": wall_before + time.time() - t_start}}
+                "counters": {"skipped_images": len(seen[UNREADABLE]), "cropped_images": len(seen[CROPPED]),
+                             "skipped_files": sorted(seen[UNREADABLE]), "cropped_files": sorted(seen[CROPPED]),
+                             "wall_time_s": wall_before + time.time() - t_start},
+                # the open log window, so the first record after a resume averages the same steps
+                "log_window": {"steps": window_steps, "loss": window_loss, "seconds": time.time() - window_t}}
 
     def save(last_loss, val_loss):
         nonlocal last_saved_step
@@ -382,14 +487,16 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
         last_saved_step = step
 
     loader = DataLoader(train_set, batch_sampler=order.micro_batches(step, total_steps), collate_fn=collate,
-                        num_workers=cfg.data.workers, pin_memory=device.type == "cuda")
+                        num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=_ignore_stop_signals)
     batches = surface_worker_errors(loader)
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=not info.is_main,
                desc=f"align {run_dir.name}")
-    seen_bad: set = set()
     last_loss = val_loss = None
-    window_t, window_steps, window_loss = time.time(), 0, 0.0
+    window = saved.get("log_window") or {"steps": 0, "loss": 0.0, "seconds": 0.0}
+    window_t, window_steps, window_loss = time.time() - window["seconds"], window["steps"], window["loss"]
     rs = order.rank_slice()
+    stop = cleanup.enter_context(StopSignals())
     model.train()
     while step < total_steps:
         lr = lr_at(step, total_steps, cfg.optim.lr, cfg.optim.resolved_min_lr, cfg.optim.warmup_steps,
@@ -397,12 +504,15 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
         set_lr(optimizer, lr)
         # the whole global batch's masks on every rank, then this rank's slice (masks.step_generator)
         masks = sampler(cfg.global_batch, step_generator(cfg.seed, step, device, stream=TRAIN_STREAM))[rs]
-        loss_sum, skipped_now = accumulate_gradients(forward, ddp, batches, masks, order, autocast, device, seen_bad)
+        loss_sum, notes = accumulate_gradients(forward, ddp, batches, masks, order, autocast, device)
         grad_norm = clip_grad_norm(params, cfg.optim.clip_grad)
-        # one small all-reduce per step: mean loss for logging, a global non-finite flag, skip counts
-        stats = torch.stack([loss_sum.double(), (~torch.isfinite(loss_sum)).double(),
-                             torch.tensor(float(skipped_now), dtype=torch.float64, device=device)])
+        # one small all-reduce per step: mean loss for logging, a global non-finite flag, whether any
+        # rank saw a file it had not reported yet, whether any rank was asked to stop
+        new_here = any(name not in seen[kind] for kind, name, _ in notes)
+        flags = torch.tensor([float(new_here), float(stop.signum is not None)], dtype=torch.float64, device=device)
+        stats = torch.cat([torch.stack([loss_sum.double(), (~torch.isfinite(loss_sum)).double()]), flags])
         D.all_reduce_sum(stats, info)
+        record_new_files(notes, seen, info, stats[2].item() > 0)
         step_loss = stats[0].item() / info.world_size
         gn = grad_norm.item()
         if stats[1].item() > 0 or not math.isfinite(gn):
@@ -417,7 +527,7 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        skipped_total += int(stats[2].item())
+        skipped_total = len(seen[UNREADABLE])
         last_loss = step_loss
         window_steps += 1
         window_loss += step_loss
@@ -429,7 +539,8 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
             tflops = rate * flops_per_image / info.world_size / 1e12  # per process
             rec = {"step": step, "epoch": round(step / order.steps_per_epoch, 4), "loss": window_loss / window_steps,
                    "lr": lr, "grad_norm": gn, "img_per_s": rate, "tflops_per_proc": tflops,
-                   "mfu": tflops / peak if peak else None, "skipped_images": skipped_total}
+                   "mfu": tflops / peak if peak else None, "skipped_images": skipped_total,
+                   **({"cropped_images": len(seen[CROPPED])} if seen[CROPPED] else {})}
             metrics.write(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}",
                             **({"mfu": f"{100 * rec['mfu']:.1f}%"} if peak else {}), skipped=skipped_total)
@@ -445,9 +556,16 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
         if end_of_epoch and cfg.save_epoch_checkpoints and info.is_main:
             _save_aligned(run_dir / f"epoch-{step // order.steps_per_epoch:03d}", model, cfg, cfg_dict,
                           state_info(last_loss, val_loss))
-        if step % cfg.save_every == 0 or end_of_epoch or step == total_steps:
+        stopping = stats[3].item() > 0 and step < total_steps
+        if step % cfg.save_every == 0 or end_of_epoch or step == total_steps or stopping:
             save(last_loss, val_loss)
         window_t += time.time() - t_aside
+        if stopping:
+            bar.close()
+            signum = stop.signum or signal.SIGTERM  # another rank was signalled
+            name = signal.Signals(signum).name if stop.signum else "a signal to another process"
+            raise Stopped(f"stopped by {name} after step {step} of {total_steps}; the training state is saved "
+                          f"in {state_dir}; rerun the same command to resume", signum)
     bar.close()
 
     if last_saved_step != step:  # a resumed, already finished run
@@ -483,6 +601,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, NonFiniteLoss) as e:  # CheckpointError is a ValueError
         print(f"locality align: error: {e}", file=sys.stderr)
         return 1
+    except Stopped as e:
+        if rank == 0:
+            print(f"locality align: {e}", file=sys.stderr)
+        return 128 + e.signum  # the shell's convention for "ended by this signal"
     if rank == 0:
         print(out)
     return 0

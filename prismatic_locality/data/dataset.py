@@ -10,7 +10,9 @@ Determinism design (what makes DDP runs equal single-process runs and resumes bi
 
 An unreadable image is skipped: the dataset returns the next readable image in file order instead
 (a deterministic substitute, so every micro-batch keeps its size and every DDP rank does the same
-work) and reports the skipped file, which the trainer counts and logs.
+work) and reports the skipped file, which the trainer counts (files, not skip events) and logs once.
+An image of extreme aspect ratio is centre-cropped first (`transforms.crop_extreme_aspect`, bounding
+the work per image) and reported the same way.
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ import torch
 from torch.utils.data import Dataset
 
 from .sources import UnreadableImage
+from .transforms import MAX_ASPECT, crop_extreme_aspect, is_extreme_aspect
 
 MAX_CONSECUTIVE_UNREADABLE = 64
+UNREADABLE, CROPPED = "unreadable", "cropped"  # kinds of the notes a dataset item reports
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -35,7 +39,8 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 class SeededImages(Dataset):
-    """``dataset[(epoch, index)]`` -> (normalised image tensor, names of files skipped to get it)."""
+    """``dataset[(epoch, index)]`` -> (normalised image tensor, notes): one ``(kind, file, message)``
+    note per file skipped as `UNREADABLE` to get the image, or `CROPPED` for an extreme aspect ratio."""
 
     def __init__(self, source, transform: Callable, seed: int):
         self.source = source
@@ -47,25 +52,32 @@ class SeededImages(Dataset):
 
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key
-        skipped: List[str] = []
+        notes: List[Tuple[str, str, str]] = []
+        first_error = None
         tries = min(MAX_CONSECUTIVE_UNREADABLE, len(self.source))
         for attempt in range(tries):
             j = (index + attempt) % len(self.source)
             try:
                 img = self.source.load(j)
             except UnreadableImage as e:
-                skipped.append(f"{e}")
+                notes.append((UNREADABLE, e.name, f"skipped unreadable image {e}"))
+                first_error = first_error or f"{e}"
                 continue
+            if is_extreme_aspect(img):
+                notes.append((CROPPED, self.source.name(j), f"centre-cropped {self.source.name(j)} "
+                              f"({img.size[0]}x{img.size[1]} px) to aspect {MAX_ASPECT:g}:1 before resizing"))
+                img = crop_extreme_aspect(img)
             # the augmentation is keyed on the slot (index), not on the substitute file
-            return self.transform(img, sample_rng(self.seed, epoch, index)), skipped
+            return self.transform(img, sample_rng(self.seed, epoch, index)), notes
         what = f"all {tries} images" if tries == len(self.source) else f"{tries} consecutive images from {self.source.name(index)}"
-        raise ValueError(f"{what} are unreadable, e.g. {skipped[0]}")
+        raise ValueError(f"{what} are unreadable, e.g. {first_error}")
 
 
 def collate(batch):
+    """-> (images, the notes of all items)."""
     images = torch.stack([b[0] for b in batch])
-    skipped = [name for b in batch for name in b[1]]
-    return images, skipped
+    notes = [note for b in batch for note in b[1]]
+    return images, notes
 
 
 def surface_worker_errors(loader: Iterable) -> Iterator:
@@ -135,4 +147,5 @@ class GlobalBatchOrder:
                 yield [(epoch, int(i)) for i in mine[j * self.micro_batch: (j + 1) * self.micro_batch]]
 
 
-__all__ = ["SeededImages", "GlobalBatchOrder", "collate", "surface_worker_errors", "epoch_permutation", "sample_rng"]
+__all__ = ["SeededImages", "GlobalBatchOrder", "collate", "surface_worker_errors", "epoch_permutation", "sample_rng",
+           "UNREADABLE", "CROPPED"]

@@ -94,7 +94,9 @@ class TarShardSource:
     """Images in webdataset tar shards, indexed by byte offset for random access.
 
     Order: shards in the order given (sorted when globbed), samples in tar order within a shard.
-    A shard that is truncated or corrupt is indexed up to the damage, and the loss is logged.
+    A damaged shard is indexed around the damage: past a garbled member header the index resumes at
+    the next valid header, a truncated shard up to the cut. Each damaged shard is counted
+    (`damaged_shards`) and logged with where it is damaged and how many samples were lost.
     """
 
     def __init__(self, shards: List[str]):
@@ -117,19 +119,44 @@ class TarShardSource:
 
     def _index_shard(self, s: int, path: str) -> List[Tuple[int, int, int, str]]:
         best: dict = {}  # key -> (priority, offset, size, name), insertion-ordered = tar order
+        keys = set()     # every sample key seen, with or without an image
+        file_size = os.path.getsize(path)
+        covered = 0      # end of the last member read: the bytes up to here belong to members
+        gaps: List[Tuple[int, int]] = []
+        error = None
         try:
-            with tarfile.open(path, mode="r:") as tar:
+            # ignore_zeros: past a garbled header, look for the next valid one (plain tarfile stops
+            # there quietly, as if the archive had ended); the bytes skipped are checked below
+            with tarfile.open(path, mode="r:", ignore_zeros=True) as tar:
                 for m in tar:
+                    if m.offset > covered:
+                        gaps.append((covered, m.offset))
+                    covered = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                     if not m.isfile():
                         continue
                     key, ext = _sample_key(m.name)
+                    keys.add(key)
                     if ext in WDS_IMAGE_KEYS:
                         prio = WDS_IMAGE_KEYS.index(ext)
                         if key not in best or prio < best[key][0]:
                             best[key] = (prio, m.offset_data, m.size, m.name)
         except (tarfile.TarError, OSError) as e:
+            error = e
+        if covered < file_size:
+            gaps.append((covered, file_size))
+        # a healthy archive has only zero blocks outside its members (end marker, record padding)
+        damaged = [(a, b) for a, b in gaps if not _all_zero(path, a, b)]
+        if error is not None or covered > file_size or damaged:
             self.damaged_shards += 1
-            log.warning("shard %s is damaged after %d samples (%s); using those", path, len(best), e)
+            if damaged:
+                where = ", ".join(f"{b - a} bytes at byte {a}" for a, b in damaged[:3])
+                # samples left without an image; each unreadable stretch held at least one member
+                lost = max(len(keys - best.keys()), len(damaged))
+                log.warning("shard %s is damaged: unreadable member headers (%s) were skipped; %d sample(s) lost, "
+                            "%d indexed", path, where, lost, len(best))
+            else:
+                log.warning("shard %s is damaged: truncated at byte %d (%s); the samples after the cut are lost, "
+                            "%d indexed before it", path, file_size, error or "the last member is cut", len(best))
         return [(s, off, size, name) for _, off, size, name in best.values()]
 
     def __len__(self) -> int:
@@ -146,6 +173,19 @@ class TarShardSource:
         if len(data) != size:
             raise UnreadableImage(self.name(i), "member truncated")
         return decode_rgb(io.BytesIO(data), self.name(i))
+
+
+def _all_zero(path: str, start: int, end: int, chunk: int = 1 << 20) -> bool:
+    with open(path, "rb") as f:
+        f.seek(start)
+        while start < end:
+            data = f.read(min(chunk, end - start))
+            if not data:
+                return True
+            if data.count(0) != len(data):
+                return False
+            start += len(data)
+    return True
 
 
 def expand_shards(pattern: str) -> List[str]:

@@ -9,6 +9,12 @@ on the DataLoader worker that happens to load it, the world size, or where a res
   timm 0.9.10 has neither the random zoom/aspect nor reflect padding, and timm draws from the
   global `random` module.
 - `EvalTransform`: resize the shorter side to size / crop_pct, centre crop (timm's eval transform).
+
+Both first centre-crop an image whose long side exceeds `MAX_ASPECT` x its short side
+(`crop_extreme_aspect`): resizing the short side to the model's resolution would otherwise blow the
+long side up with it (a 1 x 400000 px image became a 224 x 90M px intermediate). Both transforms keep
+only a central square of about the short side, so the crop changes no output content beyond
+resampling detail; ordinary images are untouched.
 """
 from __future__ import annotations
 
@@ -23,6 +29,24 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 _INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+MAX_ASPECT = 10.0  # long side / short side beyond which an image is centre-cropped before resizing
+
+
+def is_extreme_aspect(img: Image.Image, max_aspect: float = MAX_ASPECT) -> bool:
+    w, h = img.size
+    return max(w, h) > max_aspect * min(w, h)
+
+
+def crop_extreme_aspect(img: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """Centre-crop the long side to `max_aspect` x the short side (a no-op for ordinary images)."""
+    if not is_extreme_aspect(img, max_aspect):
+        return img
+    w, h = img.size
+    if w > h:
+        keep = math.floor(max_aspect * h)
+        return img.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h))
+    keep = math.floor(max_aspect * w)
+    return img.crop((0, (h - keep) // 2, w, (h - keep) // 2 + keep))
 
 
 def to_normalized_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -57,6 +81,7 @@ class RKRC:
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         # Draw every number unconditionally: a fixed number of draws per image keeps it easy to reason about.
         u = rng.random(7)
+        img = crop_extreme_aspect(img)
         w, h = img.size
         base = min(h, w) / self.size
         fh = fw = 1.0
@@ -87,9 +112,10 @@ class EvalTransform:
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         resize = math.floor(self.size / self.crop_pct)
+        img = crop_extreme_aspect(img)
         img = TF.resize(img, resize, interpolation=_INTERP.get(self.interpolation, InterpolationMode.BICUBIC))
         img = TF.center_crop(img, [self.size, self.size])
         return to_normalized_tensor(img, self.mean, self.std)
 
 
-__all__ = ["RKRC", "EvalTransform", "to_normalized_tensor"]
+__all__ = ["RKRC", "EvalTransform", "to_normalized_tensor", "crop_extreme_aspect", "is_extreme_aspect", "MAX_ASPECT"]

@@ -19,7 +19,11 @@ complete, so a killed extraction never leaves a directory that is taken as a val
 partial directory records how many images it holds (``progress.json``, written after the arrays
 are flushed, every `PROGRESS_EVERY_S` seconds): a rerun continues from there with the same
 batches, so a resumed extraction writes the same bytes as an uninterrupted one. A lock file
-makes a second process wait for the first instead of writing the same files.
+makes a second process wait for the first instead of writing the same files (it logs that it waits
+and for whom, and then reuses what the first one wrote).
+
+A finished cache whose files are damaged (truncated by a full disk or a partial copy) is an error
+naming the directory to delete; the next run rebuilds it.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,33 +170,60 @@ def build_split(ds: ProbeDataset, backbone: Backbone, cache_dir: str | os.PathLi
     lab_dir = cache_dir / f"labels-{labels_key(ds)}"
     feat_dir = cache_dir / f"features-{features_key(backbone, ds, precision)}"
     need_labels, need_features = not _complete(lab_dir), not _complete(feat_dir)
+    extracted_features = False
     if need_labels or need_features:
-        _extract(ds, backbone if need_features else None, lab_dir if need_labels else None,
-                 feat_dir if need_features else None, batch_size, num_workers, device, precision, desc)
-    else:
+        extracted_features = _extract(ds, backbone if need_features else None, lab_dir if need_labels else None,
+                                      feat_dir if need_features else None, batch_size, num_workers, device,
+                                      precision, desc)
+    if not extracted_features:
         log.info("%s: reusing cached features %s", desc or ds.spec.split, feat_dir)
-    feats = np.load(feat_dir / "features.npy", mmap_mode="r")
-    patch = np.load(lab_dir / "patch.npy", mmap_mode="r")
-    image = np.load(lab_dir / "image.npy", mmap_mode="r")
-    fractions = np.load(lab_dir / "fractions.npy", mmap_mode="r")
+    feats = _open_cached(feat_dir, "features")
+    patch = _open_cached(lab_dir, "patch")
+    image = _open_cached(lab_dir, "image")
+    fractions = _open_cached(lab_dir, "fractions")
     n = len(ds)
     if not (feats.shape[0] == patch.shape[0] == n and feats.shape[1:] == (s.num_tokens, s.embed_dim)
             and patch.shape[1] == s.num_patches):
         raise ValueError(f"cache {feat_dir} / {lab_dir} does not match the dataset ({n} images) "
                          f"and backbone ({s.num_tokens} tokens x {s.embed_dim}); delete it and rerun")
-    return ProbeSplit(feats, patch, image, fractions, ds, feat_dir, lab_dir, not need_features)
+    return ProbeSplit(feats, patch, image, fractions, ds, feat_dir, lab_dir, not extracted_features)
+
+
+def _open_cached(d: Path, name: str) -> np.ndarray:
+    """Memory-map one array of a finished cache; a damaged file is one line naming the cache."""
+    try:
+        return np.load(d / f"{name}.npy", mmap_mode="r")
+    except (OSError, ValueError) as e:  # e.g. "mmap length is greater than file size" for a truncated file
+        raise ValueError(f"cache {d} is damaged ({name}.npy: {e}); delete that directory and rerun to "
+                         f"rebuild it") from None
 
 
 @contextlib.contextmanager
 def _locked(final: Path):
-    """Hold ``.<name>.lock`` beside a cache: a second process extracting it waits for the first."""
-    with open(final.parent / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    """Hold ``.<name>.lock`` beside a cache: a second process extracting it waits for the first.
+    The holder writes who it is into the lock file, so that a waiter can say whom it waits for."""
+    path = final.parent / f".{final.name}.lock"
+    with open(path, "a+") as lock:  # not "w": that would erase the holder's note
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            log.warning("%s is being extracted by %s; waiting for it to finish (lock file %s)", final.name, holder, path)
+            t0 = time.perf_counter()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            log.info("%s: the other extraction ended after %.0f s", final.name, time.perf_counter() - t0)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        lock.flush()
         yield
 
 
 def _extract(ds: ProbeDataset, backbone: Optional[Backbone], lab_dir: Optional[Path], feat_dir: Optional[Path],
-             batch_size: int, num_workers: int, device: torch.device, precision: str, desc: str) -> None:
+             batch_size: int, num_workers: int, device: torch.device, precision: str, desc: str) -> bool:
+    """Extract what is missing; returns whether the features were extracted here (False: another
+    process finished them while this one waited for the lock)."""
     with contextlib.ExitStack() as locks:
         for d in (lab_dir, feat_dir):  # always this order, so two processes cannot deadlock
             if d is not None:
@@ -200,12 +232,13 @@ def _extract(ds: ProbeDataset, backbone: Optional[Backbone], lab_dir: Optional[P
         lab_dir = None if lab_dir is None or _complete(lab_dir) else lab_dir
         feat_dir, backbone = (None, None) if feat_dir is None or _complete(feat_dir) else (feat_dir, backbone)
         if lab_dir is None and feat_dir is None:
-            return
+            return False
         ds.with_images, ds.with_labels = backbone is not None, lab_dir is not None
         try:
             _extract_locked(ds, backbone, lab_dir, feat_dir, batch_size, num_workers, device, precision, desc)
         finally:
             ds.with_images = ds.with_labels = True
+        return feat_dir is not None
 
 
 def _extract_locked(ds: ProbeDataset, backbone: Optional[Backbone], lab_dir: Optional[Path],
