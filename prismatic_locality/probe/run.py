@@ -39,7 +39,7 @@ from .datasets import DATASETS, ProbeDataset
 from .features import ProbeSplit, build_split
 from .heads import check_view
 from .labels import unpack
-from .metrics import size_stratified_recall
+from .metrics import SIZE_BINNINGS, size_recall
 from .train import HeadConfig, OptimConfig, fit_probe, predict
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class ProbeConfig:
     extract_batch_size: int = 64
     extract_precision: str = "auto"    # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     size_bins: int = 10
+    size_binning: str = "quantile"     # recall by object size: quantile (pixel-fraction quantiles, macro) | fig8 (the paper's)
     figure_images: int = 4             # qualitative figure: rows (val images)
     figure_classes: int = 2            # ... and classes shown per image
     write_outputs: bool = True         # False: only return the results (no files)
@@ -134,6 +135,8 @@ def _run_probe(cfg: ProbeConfig, backbone: Optional[Backbone]) -> dict:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
     if not cfg.data.root:
         raise ValueError("data.root is required (--data.root DIR)")
+    if cfg.size_binning not in SIZE_BINNINGS:
+        raise ValueError(f"size_binning must be one of {' | '.join(SIZE_BINNINGS)}, got {cfg.size_binning!r}")
     tasks = ("local", "global") if cfg.task == "both" else (cfg.task,)
     for task in tasks:  # before any extraction
         check_view(cfg.head.view, cfg.head.kind, task)
@@ -166,7 +169,11 @@ def _run_probe(cfg: ProbeConfig, backbone: Optional[Backbone]) -> dict:
         r, head = fit_probe(train, val, task, spec.num_heads, cfg.head, cfg.optim, cfg.seed, device,
                             desc=f"{backbone.name} ")
         pos, tp = r.pop("_per_image")
-        r["size_bins"] = size_stratified_recall(np.asarray(val.fractions), pos, tp, cfg.size_bins)
+        # Fig. 8 bins patch fractions of the local targets: defined for local probing only
+        binned = task == "local" or cfg.size_binning == "quantile"
+        r["size_binning"] = cfg.size_binning
+        r["size_bins"] = size_recall(cfg.size_binning, np.asarray(val.fractions), pos, tp, val.patch.shape[1],
+                                     cfg.size_bins) if binned else []
         results[task], heads[task] = r, head
     results["timing"] = {"extract_s": round(extract_s, 3), "total_s": round(time.perf_counter() - start, 3)}
     results = _jsonable(results)
@@ -216,10 +223,12 @@ def write_outputs(out: Path, results: dict, val: ProbeSplit, heads: dict, cfg: P
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["task", "bin", "size_lo", "size_hi", "objects", "macro_recall", "micro_recall"])
+    w.writerow(["task", "binning", "bin", "size_lo", "size_hi", "objects", "positives", "recall", "macro_recall",
+                "micro_recall"])
     for t in tasks:
         for b in results[t]["size_bins"]:
-            w.writerow([t, b["bin"], b["size_lo"], b["size_hi"], b["objects"], b["macro_recall"], b["micro_recall"]])
+            w.writerow([t, b["binning"], b["bin"], b["size_lo"], b["size_hi"], b["objects"], b["positives"], b["recall"],
+                        b["macro_recall"], b["micro_recall"]])
     write_text(out / "size_recall.csv", buf.getvalue())
     plots.plot_size_recall({t: results[t]["size_bins"] for t in tasks}, out / "size_recall.png",
                            title=f"{results['backbone']['name']}: recall by object size")
