@@ -59,12 +59,12 @@ def measure(vit, images: torch.Tensor, device: torch.device) -> dict:
             "reference_bf16_rel_rms": r, "ours_bf16_rel_rms": o, "ratio": o / r}
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/results/cpu_teacher_bf16_error.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
     rows = {}
     vit, cfg = T.load_teacher()
@@ -81,7 +81,8 @@ def main() -> None:
     write_json(args.out, {"device": str(device), "torch": torch.__version__, "machine": platform.processor(),
                           "images": args.images, "models": rows})
     print(json.dumps({"written": args.out}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
