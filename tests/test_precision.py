@@ -98,3 +98,16 @@ def test_probe_heads_auto_on_cpu_is_fp32_bit_for_bit(tmp_path, one_thread):
     a, _ = fit_probe(train, train, "local", 3, head, OptimConfig(precision="fp32", **opt))
     b, _ = fit_probe(train, train, "local", 3, head, OptimConfig(precision="auto", **opt))
     assert a["epochs"] == b["epochs"] and b["precision"] == "fp32"
+
+
+def test_probe_names_a_bad_precision_before_extracting(tmp_path):
+    from prismatic_locality.probe.run import run_probe
+    from test_probe_e2e import tiny_cfg
+
+    root = write_demo(tmp_path / "scenes", n_train=4, n_val=2)
+    for field, holder in (("extract_precision", None), ("precision", "optim")):
+        cfg = tiny_cfg(root, "demo", tmp_path, task="local", write_outputs=False)
+        setattr(cfg if holder is None else cfg.optim, field, "fp16")
+        with pytest.raises(ValueError, match=f"{field} must be one of auto .*'fp16'"):
+            run_probe(cfg)
+        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("features-*"))

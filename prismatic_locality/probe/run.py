@@ -32,6 +32,7 @@ import draccus
 import numpy as np
 import torch
 
+from .. import precision as P
 from ..checkpoint import write_json, write_text
 from . import plots
 from .backbone import Backbone, BackboneConfig, load_backbone
@@ -68,7 +69,7 @@ class ProbeConfig:
     cache_dir: Optional[str] = None    # default: $XDG_CACHE_HOME/prismatic-locality/probe
     output_dir: Optional[str] = None   # default: runs/probe/<backbone>-<dataset>
     extract_batch_size: int = 64
-    extract_precision: str = "auto"    # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    extract_precision: str = "auto"    # precision.py: auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     size_bins: int = 10
     size_binning: str = "quantile"     # recall by object size: quantile (pixel-fraction quantiles, macro) | fig8 (the paper's)
     figure_images: int = 4             # qualitative figure: rows (val images)
@@ -142,6 +143,8 @@ def _run_probe(cfg: ProbeConfig, backbone: Optional[Backbone]) -> dict:
         check_view(cfg.head.view, cfg.head.kind, task)
     start = time.perf_counter()
     device = resolve_device(cfg.device)
+    for value, field in ((cfg.extract_precision, "extract_precision"), (cfg.optim.precision, "optim.precision")):
+        P.resolve(value, device, field)  # a bad value fails before any extraction
     if backbone is None:
         backbone = load_backbone(cfg.backbone, device)
     spec = backbone.spec
