@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from prismatic_locality import precision as P
 from prismatic_locality import vit as V
 from prismatic_locality.checkpoint import write_json
 from prismatic_locality.decoder import MaskEmbedDecoder
@@ -60,8 +61,7 @@ def build(model: str, path: str, device: torch.device, compile_: bool, grad_ckpt
         encoder.set_grad_checkpointing(True)
     decoder = MaskEmbedDecoder(default_decoder_config(teacher.spec, V.vit_spec(encoder))).to(device)
     if path == "fast-bf16":  # what align.train does for bf16 on CPU
-        V.set_fused_attention(teacher.vit, False)
-        V.set_fused_attention(decoder, False)
+        P.switch_attention("bf16", device, teacher.vit, decoder)
     model_ = MaskEmbed(encoder, decoder, teacher)
     opt = torch.optim.AdamW(model_.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=on_gpu)
     step_fn = torch.compile(model_) if compile_ else model_  # both paths: the reference compiles too
@@ -69,7 +69,7 @@ def build(model: str, path: str, device: torch.device, compile_: bool, grad_ckpt
 
 
 def run_step(model, step_fn, opt, images, masks, device, bf16: bool):
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with P.autocast("bf16" if bf16 else "fp32", device):
         loss = step_fn(images, masks)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

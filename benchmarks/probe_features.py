@@ -40,7 +40,8 @@ from prismatic_locality import vit as V
 from prismatic_locality.checkpoint import write_json
 from prismatic_locality.probe.backbone import Backbone
 from prismatic_locality.probe.datasets import ProbeDataset
-from prismatic_locality.probe.features import _precision, build_split
+from prismatic_locality import precision as P
+from prismatic_locality.probe.features import build_split
 from prismatic_locality.probe.heads import build_head
 from prismatic_locality.probe.labels import unpack
 
@@ -87,9 +88,8 @@ def bench_model(name: str, data_root: Path, args, device: torch.device) -> dict:
     s = bb.spec
     ds = ProbeDataset("demo", data_root, "train", s.img_size, s.patch_size)
     n = len(ds)
-    precision = _precision(device, args.precision)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16") if device.type == "cuda" \
-        else torch.autocast("cpu", enabled=False)
+    precision = P.resolve(args.precision, device, "--precision")
+    autocast = P.autocast(precision, device)
     out = {"model": name, "arch": arch, "img_size": s.img_size, "tokens": s.num_tokens, "embed_dim": s.embed_dim,
            "depth": s.depth, "params_M": round(V.count_params(bb.model) / 1e6, 2), "images": n, "precision": precision}
 

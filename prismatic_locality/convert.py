@@ -11,9 +11,13 @@ Torch's own restricted unpickler then rebuilds only tensors, containers and thos
 asking for anything else fails with an error instead of running it. (A hand-written unpickler
 would have to re-implement torch's tensor storage handling for no gain.)
 
-The student's ``svit_*`` name (timm ViT with tanh soft-capped attention logits, cap 30) becomes
-the plain timm name plus ``softcap``; everything else (image size, decoder shape) is read off the
-tensors, so no network and no ``locality_alignment`` install are needed.
+The student's ``svit_*`` name (timm ViT with tanh soft-capped attention logits) becomes the plain
+timm name plus ``softcap``. The student is rebuilt as the trainer built it: the architecture
+overrides in ``args`` (``model_kwargs``, then ``student_model_kwargs``, and ``in_chans``) are passed
+to timm, and their ``max_attn_val`` is the soft-cap (30 when absent); ``--timm-kwargs`` and
+``--softcap`` override the file. The image size and decoder shape are read off the tensors, so no
+network and no ``locality_alignment`` install are needed. Whatever still disagrees with the tensors
+is one error line naming the file, the mismatch and the architecture that was built.
 """
 from __future__ import annotations
 
@@ -98,6 +102,18 @@ def _args_dict(args) -> dict:
     return {k: (v if isinstance(v, (bool, int, float, str, type(None), list, tuple)) else str(v)) for k, v in d.items()}
 
 
+def student_kwargs(args) -> dict:
+    """The architecture overrides the reference trainer passed to ``create_model`` for the student:
+    ``model_kwargs``, then ``student_model_kwargs`` (both ``--x k=v`` dicts), and ``in_chans``."""
+    get = (lambda k: getattr(args, k, None)) if isinstance(args, argparse.Namespace) else dict(args or {}).get
+    kwargs = {}
+    for field in ("model_kwargs", "student_model_kwargs"):
+        kwargs.update(get(field) or {})
+    if get("in_chans") is not None:
+        kwargs["in_chans"] = get("in_chans")
+    return kwargs
+
+
 def _grid_image_size(vit, pos_embed: torch.Tensor) -> int:
     """The image size whose patch grid matches a checkpoint's position embedding."""
     prefix_in_pe = vit.pos_embed.shape[1] - vit.patch_embed.num_patches
@@ -132,6 +148,14 @@ def decoder_config(dec_state: dict, spec: V.ViTSpec, source: str) -> DecoderConf
     )
 
 
+def _build(name: str, kwargs: dict, src: Path):
+    try:
+        return V.create_vit(name, pretrained=False, **kwargs)
+    except Exception as e:  # timm raises TypeError/ValueError/AssertionError/KeyError for bad kwargs
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{src}: cannot build '{name}' with architecture overrides {kwargs} ({msg})") from None
+
+
 def convert(src: str | Path, out: str | Path, *, use_ema: bool = True, model: Optional[str] = None,
             softcap: Optional[float] = None, timm_kwargs: Optional[dict] = None) -> Path:
     """Convert one official checkpoint; returns the written aligned checkpoint directory."""
@@ -143,9 +167,15 @@ def convert(src: str | Path, out: str | Path, *, use_ema: bool = True, model: Op
     if not arch:
         raise CheckpointError(f"{src}: no 'arch' entry naming the student model; pass --model <timm name>")
     name, is_svit = plain_timm_name(arch)
+    # the student's architecture as trained: the file's overrides, then ours (explicit flags win)
+    from_args = student_kwargs(args)
+    cap = from_args.pop("max_attn_val", getattr(args, "max_attn_val", None))  # an svit_* kwarg, not timm's
+    if cap is not None and not is_svit and softcap is None:
+        raise CheckpointError(f"{src}: args set max_attn_val={cap} but the student '{arch}' is not an svit_* "
+                              "model; pass --model or --softcap")
     if softcap is None:
-        softcap = float(getattr(args, "max_attn_val", REFERENCE_SOFTCAP)) if is_svit else 0.0
-    timm_kwargs = dict(timm_kwargs or {})
+        softcap = float(REFERENCE_SOFTCAP if cap is None else cap) if is_svit else 0.0
+    timm_kwargs = {**from_args, **(timm_kwargs or {})}
 
     state, which = student_state(ckpt, use_ema)
     check_finite_state(state, f"{src} [{which}]")
@@ -153,17 +183,20 @@ def convert(src: str | Path, out: str | Path, *, use_ema: bool = True, model: Op
     if "head.weight" not in enc_state:
         raise CheckpointError(f"{src}: {which} has no encoder.head.weight; not a MaskEmbed student checkpoint")
 
-    vit = V.create_vit(name, pretrained=False, **timm_kwargs)
+    vit = _build(name, timm_kwargs, src)
     if "pos_embed" in enc_state and enc_state["pos_embed"].shape != vit.pos_embed.shape:
         timm_kwargs["img_size"] = _grid_image_size(vit, enc_state["pos_embed"])
-        vit = V.create_vit(name, pretrained=False, **timm_kwargs)
+        vit = _build(name, timm_kwargs, src)
     encoder = make_encoder(vit, enc_state["head.weight"].shape[0], softcap=softcap, attn_impl="math")
     decoder = MaskEmbedDecoder(decoder_config(dec_state, V.vit_spec(encoder), str(src)))
+    built = f"student built as '{name}' with {timm_kwargs or 'no overrides'}, softcap {softcap}"
     try:
         load_state(encoder, enc_state, "encoder", f"{src} [{which}]")
         load_state(decoder, dec_state, "decoder", f"{src} [{which}]")
     except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(f"{src} [{which}]: {str(e).splitlines()[1].strip()}") from None
+        raise CheckpointError(f"{src} [{which}]: {str(e).splitlines()[1].strip()} ({built})") from None
+    except CheckpointError as e:  # missing / unexpected keys
+        raise CheckpointError(f"{e} ({built})") from None
 
     extra = {"converted_from": {
         "file": str(src.resolve()), "arch": arch, "weights": which, "epoch": ckpt.get("epoch"),
@@ -191,8 +224,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("out", help="output directory (written atomically)")
     p.add_argument("--no-ema", action="store_true", help="use state_dict even if state_dict_ema is present")
     p.add_argument("--model", help="timm name of the student (default: the file's 'arch'); svit_* names map to vit_* + soft-cap")
-    p.add_argument("--softcap", type=float, help=f"attention soft-cap (default: {REFERENCE_SOFTCAP} for svit_* students, else none)")
-    p.add_argument("--timm-kwargs", default="{}", help='JSON architecture overrides for timm.create_model, e.g. \'{"img_size": 224}\'')
+    p.add_argument("--softcap", type=float, help=f"attention soft-cap (default: the file's max_attn_val, else {REFERENCE_SOFTCAP}, for svit_* students; else none)")
+    p.add_argument("--timm-kwargs", default="{}", help='JSON architecture overrides for timm.create_model, on top of the file\'s model_kwargs, e.g. \'{"img_size": 224}\'')
     a = p.parse_args(argv)
     try:
         kwargs = json.loads(a.timm_kwargs)

@@ -180,8 +180,9 @@ class MaskEmbed(nn.Module):
         target = self.teacher(images, masks)                                  # h(x ⊙ m)
         z = encode(self.encoder, images).repeat_interleave(K, dim=0)          # f_θ(x), once per image
         pred = self.decoder(z, masks.flatten(0, 1))                           # g_ψ(f_θ(x) ⊙ m)
-        if self.teacher.target == "cls":
-            pred = pred[:, : max(1, self.decoder.num_prefix_tokens)].mean(1, keepdim=True)
+        if self.teacher.target == "cls":  # one pooled vector: the prefix outputs, or all outputs without a prefix
+            p = self.decoder.num_prefix_tokens
+            pred = (pred[:, :p] if p else pred).mean(1, keepdim=True)
         return reconstruction_loss(pred, target, self.loss)
 
 

@@ -67,19 +67,28 @@ class BernoulliMaskSampler:
 
 @dataclass
 class BlockMaskSampler:
-    """BEiT-style blocks: visible rectangles are added until a fraction `target_ratio` is visible.
+    """Blockwise masks (the paper's block-masking ablation): visible rectangles are added until a
+    fraction `target_ratio` of the patches is visible.
 
-    Block area ~ U{min_area, .., 0.4 n}, aspect ratio log-uniform-ish in [0.3, 1/0.3], position
-    uniform (spec A.3). Vectorised over the batch: each round proposes one block per image and only
-    images still under the target accept it. Unlike the reference, `null` is honoured when asked.
+    One block, as the reference draws it: area A ~ U{min_area, ..., floor(target_ratio * n) - 1},
+    aspect ratio r ~ U(0.3, 1/0.3) (uniform, not log-uniform), then
+    rows = min(floor(sqrt(A / r)), g) and cols = min(floor(A / rows), g), position uniform over the
+    places where it fits; blocks are added until the target is met (no cap on the number of blocks).
+    Vectorised over the batch: each round proposes one block per image and only images still under
+    the target accept it, so an image's sequence of blocks has the reference's law. Grids too small
+    for the reference's sizes (floor(target_ratio * n) <= 16, where the reference cannot sample)
+    shrink `min_area` to fit. Unlike the reference, `null` is honoured when asked.
     """
 
     grid: int
     target_ratio: float = 0.4
     min_area: int = 16
-    max_rounds: int = 64
     complement: bool = False
     null: bool = False
+
+    def __post_init__(self):
+        if not 0.0 < self.target_ratio <= 1.0:
+            raise ValueError(f"masks.block_ratio must be in (0, 1], got {self.target_ratio}")
 
     @property
     def num_patches(self) -> int:
@@ -89,25 +98,35 @@ class BlockMaskSampler:
     def masks_per_image(self) -> int:
         return 1 + self.complement + self.null
 
+    def area_range(self) -> tuple[int, int]:
+        """[lo, hi): the block areas drawn."""
+        hi = max(int(self.target_ratio * self.num_patches), 2)
+        return min(self.min_area, hi - 1), hi
+
+    def block_shape(self, u_area: torch.Tensor, u_aspect: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) of blocks from uniforms in [0, 1) (float64, so floor() matches integer maths)."""
+        lo, hi = self.area_range()
+        area = lo + (u_area.double() * (hi - lo)).floor()
+        aspect = 0.3 + u_aspect.double() * (1 / 0.3 - 0.3)
+        rows = torch.sqrt(area / aspect).floor().clamp(1, self.grid)
+        cols = (area / rows).floor().clamp(1, self.grid)
+        return rows, cols
+
     def __call__(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         g, dev = self.grid, generator.device
-        max_area = max(int(0.4 * g * g), self.min_area + 1)
-        min_area = min(self.min_area, max_area - 1)
-        rows = torch.arange(g, device=dev).view(1, g, 1)
-        cols = torch.arange(g, device=dev).view(1, 1, g)
+        r_idx = torch.arange(g, device=dev).view(1, g, 1)
+        c_idx = torch.arange(g, device=dev).view(1, 1, g)
         m = torch.zeros(batch_size, g, g, dtype=torch.bool, device=dev)
-        for _ in range(self.max_rounds):
+        while True:
             active = m.flatten(1).float().mean(1) < self.target_ratio
             if not active.any():
                 break
-            r = torch.rand(batch_size, 4, generator=generator, device=dev)
-            area = min_area + (r[:, 0] * (max_area - min_area)).floor()
-            aspect = torch.exp(math.log(0.3) + r[:, 1] * (math.log(1 / 0.3) - math.log(0.3)))
-            w = torch.sqrt(area / aspect).floor().clamp(1, g)
-            h = (area / w).floor().clamp(1, g)
-            top = (r[:, 2] * (g - h + 1)).floor().view(-1, 1, 1)
-            left = (r[:, 3] * (g - w + 1)).floor().view(-1, 1, 1)
-            block = (rows >= top) & (rows < top + h.view(-1, 1, 1)) & (cols >= left) & (cols < left + w.view(-1, 1, 1))
+            u = torch.rand(batch_size, 4, generator=generator, device=dev)
+            rows, cols = self.block_shape(u[:, 0], u[:, 1])
+            top = (u[:, 2] * (g - rows + 1)).floor().view(-1, 1, 1)
+            left = (u[:, 3] * (g - cols + 1)).floor().view(-1, 1, 1)
+            block = ((r_idx >= top) & (r_idx < top + rows.view(-1, 1, 1))
+                     & (c_idx >= left) & (c_idx < left + cols.view(-1, 1, 1)))
             m |= block & active.view(-1, 1, 1)
         return _with_extras(m.flatten(1), self.complement, self.null)
 

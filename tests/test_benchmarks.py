@@ -53,3 +53,12 @@ def test_probe_features_benchmark_projects_the_cache_speedup(tmp_path):
     assert r["probe_s_per_image_no_cache"] == pytest.approx(no_cache, rel=1e-4)
     assert r["speedup_probe"] == pytest.approx(no_cache / r["probe_s_per_image_cached"], rel=1e-4)
     assert not any(p.name.startswith("probe-bench-") for p in tmp_path.iterdir())  # temp data removed
+
+
+def test_teacher_bf16_error_benchmark_measures_both_bf16_teachers(tmp_path):
+    out = tmp_path / "err.json"
+    assert load("teacher_bf16_error").main(["--images", "4", "--out", str(out)]) == 0
+    models = json.loads(out.read_text())["models"]
+    assert len(models) == 3
+    for r in models.values():  # bf16 weights round more than the reference's fp32 weights under autocast
+        assert 0 < r["reference_bf16_rel_rms"] < r["ours_bf16_rel_rms"] < 0.05

@@ -207,3 +207,21 @@ def test_analytic_flops_match_what_torch_counts():
     assert analytic - counted["pixel"] == patch_embed
     # token-level masking embeds each image once, not once per view
     assert counted["token"] < counted["pixel"]
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_cls_target_prediction_pools_prefix_outputs_or_all_outputs_without_prefix(kind):
+    """The CLS target's prediction = mean of the decoder's prefix outputs; a model without a prefix
+    token (SigLIP) pools all its outputs, as its teacher's pooled head sees all tokens."""
+    vit, _, encoder, decoder = build(kind)
+    teacher = Teacher(copy.deepcopy(vit), target="cls")
+    model = MaskEmbed(encoder, decoder, teacher)
+    with torch.no_grad():  # make the decoder's outputs differ across tokens
+        encoder.head.weight.normal_(0, 0.1)
+    s = teacher.spec
+    x = images(s)
+    masks = UniformMaskSampler(s.num_patches)(2, step_generator(0, 0))
+    out = decoder(encode(encoder, x).repeat_interleave(3, 0), masks.flatten(0, 1))
+    p = s.num_prefix_tokens
+    pooled = (out[:, :p] if p else out).mean(1, keepdim=True)
+    assert torch.equal(model(x, masks), F.mse_loss(pooled, teacher(x, masks)))

@@ -26,7 +26,7 @@ LOSSES = ("mse", "cosine", "l1")
 MASK_KINDS = ("uniform", "bernoulli", "block")
 TEACHER_MASKING = ("token", "pixel")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")  # precision.py
 AUGMENTS = ("rkrc", "none")
 INTERPOLATIONS = ("random", "bilinear", "bicubic")
 DATA_FORMATS = ("auto", "folder", "wds")
@@ -47,7 +47,7 @@ class TeacherConfig:
     target: str = "penultimate"
     # how the teacher sees masked patches: token (zero-patch embedding, exact and cheaper) | pixel
     masking: str = "token"
-    # teacher weight dtype: auto = bfloat16 on GPU, float32 on CPU
+    # teacher weight dtype: auto = bfloat16 for a bf16 run on GPU, else float32 (precision.teacher_dtype)
     dtype: str = "auto"
 
 

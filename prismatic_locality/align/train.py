@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .. import precision as P
 from .. import vit as V
 from ..checkpoint import CheckpointError, check_output_dir, recover_dir, save_aligned
 from ..data import RKRC, EvalTransform, GlobalBatchOrder, SeededImages, collate, open_source, surface_worker_errors
@@ -135,24 +137,8 @@ def build_model(cfg: AlignConfig, device: torch.device) -> MaskEmbed:
         encoder.set_grad_checkpointing(True)
     model = MaskEmbed(encoder, MaskEmbedDecoder(dcfg), teacher, loss=cfg.loss).to(device)
     teacher.to(device)
-    dtype = cfg.teacher.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    teacher.vit.to(getattr(torch, dtype))  # cast once; the teacher never trains
+    teacher.vit.to(P.teacher_dtype(cfg.teacher.dtype, cfg.precision, device))  # cast once; the teacher never trains
     return model
-
-
-def resolve_precision(cfg: AlignConfig, device: torch.device) -> str:
-    """"bf16" | "fp32": `auto` is bf16 autocast on GPU and fp32 on CPU."""
-    if cfg.precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return cfg.precision
-
-
-def autocast_context(cfg: AlignConfig, device: torch.device):
-    if resolve_precision(cfg, device) == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def data_transforms(cfg: AlignConfig, teacher: Teacher):
@@ -388,12 +374,10 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
 
     model = build_model(cfg, device)
     teacher = model.teacher
-    autocast = autocast_context(cfg, device)
-    if device.type == "cpu" and resolve_precision(cfg, device) == "bf16":
-        # torch's CPU flash-attention is slow in bf16 (V.set_fused_attention); the encoder's
-        # soft-capped attention is explicit on CPU already
-        for module in (teacher.vit, model.decoder):
-            V.set_fused_attention(module, False)
+    precision = P.resolve(cfg.precision, device)
+    autocast = functools.partial(P.autocast, precision, device)  # a fresh context per use
+    # the encoder's soft-capped attention is explicit on CPU already
+    P.switch_attention(precision, device, teacher.vit, model.decoder)
     sampler = build_mask_sampler(cfg.masks.kind, teacher.spec.grid, cfg.masks.complement, cfg.masks.null,
                                  cfg.masks.keep_prob, cfg.masks.block_ratio)
     if sampler.num_patches != V.vit_spec(model.encoder).num_patches:

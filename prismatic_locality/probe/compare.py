@@ -124,6 +124,12 @@ def compare(paths: list[str], out: str | os.PathLike, names: Optional[list[str]]
     plots.plot_compare(names, [_recall(r, "local") for r in runs], [_recall(r, "global") for r in runs],
                        out / "compare.png")
     sized = {n: r["local"]["size_bins"] for n, r in zip(names, runs) if r.get("local", {}).get("size_bins")}
+    binning = lambda bins: bins[0].get("binning", "quantile")  # noqa: E731
+    if sized and len({binning(b) for b in sized.values()}) > 1:  # bins of different binnings do not line up
+        first = binning(next(iter(sized.values())))
+        print(f"compare_size.png: only the runs with {first} size bins (the others: "
+              f"{', '.join(n for n, b in sized.items() if binning(b) != first)})", file=sys.stderr)
+        sized = {n: b for n, b in sized.items() if binning(b) == first}
     if sized:
         plots.plot_size_recall(sized, out / "compare_size.png", title="local recall by object size")
     return table

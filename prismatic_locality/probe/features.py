@@ -12,7 +12,8 @@ Two caches under `cache_dir`, each a directory ``<kind>-<key>/`` with ``.npy`` a
                       key = dataset fingerprint (kind, root, split, every file's name/size/mtime)
                       + resolution + patch size + number of classes. Shared by all backbones.
 - ``features-<key>``: (N, T, D) float16. key = backbone fingerprint (weights, architecture,
-                      soft-caps) + dataset fingerprint + resolution + mean/std + compute precision.
+                      soft-caps) + dataset fingerprint + resolution + mean/std + compute precision
+                      (`precision.py`; bf16 also keyed by the device type).
 
 A cache is built in a hidden ``.<kind>-<key>.partial`` directory and renamed into place only when
 complete, so a killed extraction never leaves a directory that is taken as a valid cache. The
@@ -45,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from .. import precision as P
 from ..checkpoint import write_json
 from .backbone import Backbone
 from .datasets import ProbeDataset
@@ -89,9 +91,11 @@ def labels_key(ds: ProbeDataset) -> str:
     return _key("labels", ds.fingerprint(), ds.size, ds.patch_size, ds.num_classes)
 
 
-def features_key(backbone: Backbone, ds: ProbeDataset, precision: str) -> str:
+def features_key(backbone: Backbone, ds: ProbeDataset, precision: str, device: torch.device | str = "cpu") -> str:
     s = backbone.spec
-    return _key("features", backbone.fingerprint(), ds.fingerprint(), s.img_size, s.mean, s.std, precision)
+    # bf16 results depend on the device's kernels, so bf16 is keyed per device type (fp32 keys as before)
+    how = precision if precision == "fp32" else f"{precision}-{torch.device(device).type}"
+    return _key("features", backbone.fingerprint(), ds.fingerprint(), s.img_size, s.mean, s.std, how)
 
 
 def _complete(d: Path) -> bool:
@@ -148,27 +152,19 @@ class _Partial:
         _publish(self.dir, self.final)
 
 
-def _precision(device: torch.device, precision: str) -> str:
-    if precision == "auto":  # bf16 autocast on GPU, as the reference; exact fp32 on CPU
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"extract precision must be auto | fp32 | bf16, got {precision!r}")
-    return precision
-
-
 def build_split(ds: ProbeDataset, backbone: Backbone, cache_dir: str | os.PathLike | None = None, *,
                 batch_size: int = 64, num_workers: int = 0, device: str | torch.device = "cpu",
                 precision: str = "auto", desc: str = "") -> ProbeSplit:
     """Return the split's cached features and targets, extracting whatever is missing in one pass."""
     device = torch.device(device)
-    precision = _precision(device, precision)
+    precision = P.resolve(precision, device, "extract precision")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     s = backbone.spec
     if (ds.size, ds.patch_size) != (s.img_size, s.patch_size):
         raise ValueError(f"dataset prepared for {ds.size}px/{ds.patch_size}px patches, backbone is {s.img_size}/{s.patch_size}")
     lab_dir = cache_dir / f"labels-{labels_key(ds)}"
-    feat_dir = cache_dir / f"features-{features_key(backbone, ds, precision)}"
+    feat_dir = cache_dir / f"features-{features_key(backbone, ds, precision, device)}"
     need_labels, need_features = not _complete(lab_dir), not _complete(feat_dir)
     extracted_features = False
     if need_labels or need_features:
@@ -260,9 +256,9 @@ def _extract_locked(ds: ProbeDataset, backbone: Optional[Backbone], lab_dir: Opt
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     what = " + ".join(parts)
     start = last_record = time.perf_counter()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    with tqdm(total=n, initial=start_at, desc=f"{desc or ds.spec.split}: {what}", unit="img",
-              dynamic_ncols=True) as bar:
+    attention = P.switched_attention(precision, device, backbone.model) if backbone is not None else contextlib.nullcontext()
+    with attention, tqdm(total=n, initial=start_at, desc=f"{desc or ds.spec.split}: {what}", unit="img",
+                         dynamic_ncols=True) as bar:
         for batch in loader:
             idx = batch["index"].numpy()
             lo, hi = int(idx[0]), int(idx[-1]) + 1
@@ -273,7 +269,7 @@ def _extract_locked(ds: ProbeDataset, backbone: Optional[Backbone], lab_dir: Opt
                 a["fractions"][lo:hi] = batch["fractions"].numpy()
             if "features" in parts:
                 x = backbone.normalize(batch["image"].to(device, non_blocking=True))
-                with autocast:
+                with P.autocast(precision, device):
                     f = backbone.features(x)
                 parts["features"].arrays["features"][lo:hi] = f.to(torch.float16).cpu().numpy()
             bar.update(hi - lo)
@@ -289,6 +285,7 @@ def _extract_locked(ds: ProbeDataset, backbone: Optional[Backbone], lab_dir: Opt
         parts["labels"].finish(meta)
     if "features" in parts:
         parts["features"].finish({**meta, "backbone": backbone.describe(), "precision": precision,
+                                  "autocast_device": device.type if precision == "bf16" else None,
                                   "images_per_s": round((n - start_at) / max(seconds, 1e-9), 2)})
 
 

@@ -31,20 +31,33 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120, tight: bool = True
     return path
 
 
+SIZE_AXES = {  # binning -> (x label, y label); see probe/metrics.py
+    "quantile": ("object size (% of image pixels; quantile bins)", "macro recall"),
+    "fig8": ("object size (% of image patches; equal-width bins, as paper Fig. 8)", "recall (pooled)"),
+}
+
+
 def plot_size_recall(series: dict[str, list[dict]], path: str | os.PathLike, title: str = "") -> Path:
-    """One line per series (e.g. run name or task) of macro recall against object-size bin."""
+    """One line per series (e.g. run name or task) of recall against object-size bin.
+
+    Each row's `recall` is plotted (older results without it: `macro_recall`); the axes name the
+    rows' `binning`, and series with different binnings are refused (their bins do not line up)."""
+    binnings = {b.get("binning", "quantile") for bins in series.values() for b in bins}
+    if len(binnings) > 1:
+        raise ValueError(f"cannot plot object-size bins of different binnings together: {sorted(binnings)}")
+    xlabel, ylabel = SIZE_AXES[binnings.pop() if binnings else "quantile"]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     labels = None
     for name, bins in series.items():
         if not bins:
             continue
-        y = [b["macro_recall"] if b["macro_recall"] is not None else math.nan for b in bins]
-        ax.plot(range(1, len(bins) + 1), y, marker="o", label=name)
+        y = [b.get("recall", b["macro_recall"]) for b in bins]
+        ax.plot(range(1, len(bins) + 1), [math.nan if v is None else v for v in y], marker="o", label=name)
         labels = [f"{100 * b['size_lo']:.2g}-{100 * b['size_hi']:.2g}%" for b in bins]
     if labels:
         ax.set_xticks(range(1, len(labels) + 1), labels, rotation=45, ha="right", fontsize=7)
-    ax.set_xlabel("object size (% of image pixels; quantile bins)")
-    ax.set_ylabel("macro recall")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

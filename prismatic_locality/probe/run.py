@@ -32,6 +32,7 @@ import draccus
 import numpy as np
 import torch
 
+from .. import precision as P
 from ..align.config import check_finite, check_range
 from ..checkpoint import check_output_dir, write_json, write_text
 from . import plots
@@ -40,7 +41,7 @@ from .datasets import DATASETS, ProbeDataset
 from .features import ProbeSplit, build_split, default_cache_dir
 from .heads import HEADS, check_view
 from .labels import unpack
-from .metrics import size_stratified_recall
+from .metrics import SIZE_BINNINGS, size_recall
 from .train import HeadConfig, OptimConfig, fit_probe, predict
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,9 @@ class ProbeConfig:
     cache_dir: Optional[str] = None    # default: $XDG_CACHE_HOME/prismatic-locality/probe
     output_dir: Optional[str] = None   # default: runs/probe/<backbone>-<dataset>
     extract_batch_size: int = 64
-    extract_precision: str = "auto"    # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    extract_precision: str = "auto"    # precision.py: auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     size_bins: int = 10
+    size_binning: str = "quantile"     # recall by object size: quantile (pixel-fraction quantiles, macro) | fig8 (the paper's)
     figure_images: int = 4             # qualitative figure: rows (val images)
     figure_classes: int = 2            # ... and classes shown per image
     write_outputs: bool = True         # False: only return the results (no files)
@@ -152,7 +154,9 @@ def validate(cfg: ProbeConfig) -> ProbeConfig:
                     "data.num_workers": d.num_workers, "figure_images": cfg.figure_images}
     for name, v in non_negative.items():
         check_range(name, v, 0)
-    for task in ("local", "global") if cfg.task == "both" else (cfg.task,):
+    if cfg.size_binning not in SIZE_BINNINGS:
+        raise ValueError(f"size_binning must be one of {' | '.join(SIZE_BINNINGS)}, got {cfg.size_binning!r}")
+    for task in ("local", "global") if cfg.task == "both" else (cfg.task,):  # before any extraction
         check_view(cfg.head.view, cfg.head.kind, task)
     return cfg
 
@@ -167,6 +171,8 @@ def _run_probe(cfg: ProbeConfig, backbone: Optional[Backbone]) -> dict:
     check_output_dir(cfg.cache_dir or default_cache_dir(), "cache_dir")
     start = time.perf_counter()
     device = resolve_device(cfg.device)
+    for value, name in ((cfg.extract_precision, "extract_precision"), (cfg.optim.precision, "optim.precision")):
+        P.resolve(value, device, name)  # a bad value fails before any extraction
     if backbone is None:
         backbone = load_backbone(cfg.backbone, device)
     spec = backbone.spec
@@ -194,7 +200,11 @@ def _run_probe(cfg: ProbeConfig, backbone: Optional[Backbone]) -> dict:
         r, head = fit_probe(train, val, task, spec.num_heads, cfg.head, cfg.optim, cfg.seed, device,
                             desc=f"{backbone.name} ")
         pos, tp = r.pop("_per_image")
-        r["size_bins"] = size_stratified_recall(np.asarray(val.fractions), pos, tp, cfg.size_bins)
+        # Fig. 8 bins patch fractions of the local targets: defined for local probing only
+        binned = task == "local" or cfg.size_binning == "quantile"
+        r["size_binning"] = cfg.size_binning
+        r["size_bins"] = size_recall(cfg.size_binning, np.asarray(val.fractions), pos, tp, val.patch.shape[1],
+                                     cfg.size_bins) if binned else []
         results[task], heads[task] = r, head
     results["timing"] = {"extract_s": round(extract_s, 3), "total_s": round(time.perf_counter() - start, 3)}
     results = _jsonable(results)
@@ -243,10 +253,12 @@ def write_outputs(out: Path, results: dict, val: ProbeSplit, heads: dict, cfg: P
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["task", "bin", "size_lo", "size_hi", "objects", "macro_recall", "micro_recall"])
+    w.writerow(["task", "binning", "bin", "size_lo", "size_hi", "objects", "positives", "recall", "macro_recall",
+                "micro_recall"])
     for t in tasks:
         for b in results[t]["size_bins"]:
-            w.writerow([t, b["bin"], b["size_lo"], b["size_hi"], b["objects"], b["macro_recall"], b["micro_recall"]])
+            w.writerow([t, b["binning"], b["bin"], b["size_lo"], b["size_hi"], b["objects"], b["positives"], b["recall"],
+                        b["macro_recall"], b["micro_recall"]])
     write_text(out / "size_recall.csv", buf.getvalue())
     plots.plot_size_recall({t: results[t]["size_bins"] for t in tasks}, out / "size_recall.png",
                            title=f"{results['backbone']['name']}: recall by object size")

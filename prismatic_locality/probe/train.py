@@ -3,15 +3,17 @@
 Reference recipe (spec §C.4), all overridable: AdamW(lr 1e-3, wd 0.01 on all head params), timm
 CosineLRScheduler stepped per update (horizon = epochs x steps/epoch, 500 linear warmup steps from
 0 counted inside the horizon, floor 1e-4), batch 32, drop_last, 5 epochs, BCE-with-logits averaged
-over all (patch, class) or (image, class) entries, no augmentation. The head trains in fp32
-(`precision="bf16"`: autocast, ~1.7x faster on a CPU with hardware bf16; the CPU demo uses it there).
+over all (patch, class) or (image, class) entries, no augmentation. Precision (`precision.py`):
+`auto` = bf16 autocast on GPU, as the reference, and exact fp32 on CPU; `bf16` on a CPU with hardware
+bf16 is ~1.7x faster (the CPU demo uses it there). Predictions are logit > 0, i.e. sigmoid > 0.5
+computed exactly; the reference thresholds a bf16 sigmoid, which rounds to 0.5 (negative) for
+logits in (0, 2^-7].
 
 Batches are gathered from the cached arrays (in RAM when they fit `max_ram_gb`, otherwise straight
 from the memory map), so an epoch costs only the head's forward and backward.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
-from .. import vit as V
+from .. import precision as P
 from .features import ProbeSplit
 from .heads import build_head
 from .labels import unpack
@@ -48,7 +50,7 @@ class OptimConfig:
     epochs: int = 5
     eval_batch_size: int = 256
     max_ram_gb: float = 16.0    # load cached features into RAM below this size, else read the memory map
-    precision: str = "fp32"     # head forward: fp32 (reference) | bf16 (autocast)
+    precision: str = "auto"     # head forward (precision.py): auto = bf16 autocast on GPU (the reference), fp32 on CPU
 
 
 class _Source:
@@ -85,12 +87,8 @@ def fit_probe(train: ProbeSplit, val: ProbeSplit, task: str, num_heads: int, hea
     head = build_head(head_cfg.kind, task, num_tokens=T, num_prefix=num_prefix, dim=D, num_heads=num_heads,
                       num_classes=train.num_classes, depth=head_cfg.depth, hidden=head_cfg.hidden,
                       layer_scale=head_cfg.layer_scale, view=head_cfg.view).to(device)
-    if optim.precision not in ("fp32", "bf16"):
-        raise ValueError(f"optim.precision must be fp32 | bf16, got {optim.precision!r}")
-    bf16 = optim.precision == "bf16"
-    if bf16 and device.type == "cpu":
-        V.set_fused_attention(head, False)  # torch's CPU flash attention is slow in bf16
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    precision = P.resolve(optim.precision, device, "optim.precision")
+    P.switch_attention(precision, device, head)
     opt = torch.optim.AdamW(head.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     total = optim.epochs * steps_per_epoch
     sched = CosineLRScheduler(opt, t_initial=total, lr_min=optim.min_lr, warmup_t=optim.warmup_steps,
@@ -108,7 +106,7 @@ def fit_probe(train: ProbeSplit, val: ProbeSplit, task: str, num_heads: int, hea
         loss_sum = 0.0
         for s in range(steps_per_epoch):
             x, y = src_train.get(perm[s * bs:(s + 1) * bs], device)
-            with autocast():
+            with P.autocast(precision, device):
                 logits = head(x)
             loss = F.binary_cross_entropy_with_logits(logits.float(), y.float())
             opt.zero_grad(set_to_none=True)
@@ -118,7 +116,7 @@ def fit_probe(train: ProbeSplit, val: ProbeSplit, task: str, num_heads: int, hea
             sched.step_update(num_updates=step)
             loss_sum += loss.item()
             bar.update(1)
-        with autocast():
+        with P.autocast(precision, device):
             ev = evaluate(head, src_val, len(val), task, optim.eval_batch_size, device)
         ev["summary"].update(epoch=epoch + 1, train_loss=loss_sum / steps_per_epoch)
         history.append(ev["summary"])
@@ -138,7 +136,7 @@ def fit_probe(train: ProbeSplit, val: ProbeSplit, task: str, num_heads: int, hea
         "per_class_recall": best["per_class"],
         "val_positives": best["positives"],
         "steps": total,
-        "precision": optim.precision,
+        "precision": precision,
         "seconds": round(time.perf_counter() - start, 3),
     }
     # per (image, class) counts at the best epoch, for the object-size strata (not written to JSON)
