@@ -1,0 +1,224 @@
+"""Today's ViT families through the timm adapter, on tiny random instances of the real timm classes.
+
+For every family: the token-level forward equals timm's own, token masking equals pixel masking,
+soft-capped attention with a huge cap equals the family's own attention (RoPE included), and a
+MaskEmbed step, an aligned checkpoint round trip and `load_aligned` work. Families that an older
+timm lacks are skipped with the reason.
+"""
+import copy
+
+import pytest
+import timm
+import torch
+
+from prismatic_locality import vit as V
+from prismatic_locality.checkpoint import load_aligned, save_aligned
+from prismatic_locality.decoder import MaskEmbedDecoder
+from prismatic_locality.maskembed import MaskEmbed, Teacher, aligned_features, default_decoder_config, make_encoder
+from prismatic_locality.probe.backbone import Backbone
+
+TINY = dict(embed_dim=48, depth=2, num_heads=3)
+
+# family: (timm name, tiny overrides). Real names are the L-size models the recipes use.
+FAMILIES = {
+    "dinov3": ("vit_large_patch16_dinov3", dict(img_size=32, patch_size=8, **TINY)),        # Eva, RoPE, 1 cls + 4 reg, NHWC
+    "pe_core": ("vit_pe_core_large_patch14_336", dict(img_size=28, attn_pool_num_heads=3, **TINY)),  # AttentionRope, MAP
+    "pe_spatial": ("vit_pe_spatial_large_patch14_448", dict(img_size=28, **TINY)),            # no final norm
+    "pe_lang": ("vit_pe_lang_large_patch14_448", dict(img_size=28, **TINY)),                  # cls, LayerScale
+    "eva02_clip": ("eva02_large_patch14_clip_336", dict(img_size=28, **TINY)),                # q/k/v proj, SwiGLU, scale norm
+    "eva02_fused": ("eva02_base_patch14_224", dict(img_size=28, **TINY)),                     # fused qkv + q/v bias, avg pool
+    "aimv2": ("aimv2_large_patch14_336", dict(img_size=28, **TINY)),                          # SwiGLU, RmsNorm, no prefix
+    "dynamic": ("vit_base_patch16_clip_224", dict(img_size=32, patch_size=8, dynamic_img_size=True, **TINY)),
+    "radio": ("vit_large_patch16_radio_v3", dict(img_size=32, **TINY)),                       # 1 cls + 7 reg, no norm
+    "avgpool": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, global_pool="avg", **TINY)),  # fc_norm only
+}
+ROPE = ["dinov3", "pe_core", "pe_spatial", "pe_lang", "eva02_clip", "eva02_fused"]
+
+
+def build(family, seed=0):
+    name, kw = FAMILIES[family]
+    if not timm.is_model(name):
+        pytest.skip(f"timm {timm.__version__} has no '{name}' ({family}); it needs timm >= 1.0.20")
+    torch.manual_seed(seed)
+    return V.create_vit(name, **kw).eval()
+
+
+def images(model, b=2, seed=1):
+    s = V.vit_spec(model)
+    return torch.randn(b, 3, s.img_size, s.img_size, generator=torch.Generator().manual_seed(seed))
+
+
+def tokens_out(model, x, mask=None):
+    return V.final_norm(model, V.run_blocks(model, V.embed(model, x, mask)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_forward_equals_timm_forward_features(family, one_thread):
+    m = build(family)
+    x = images(m)
+    ones = torch.ones(2, V.vit_spec(m).num_patches, dtype=torch.bool)
+    with torch.no_grad():
+        ref = m.forward_features(x)
+        assert (tokens_out(m, x, ones) - ref).abs().max().item() <= 1e-6
+        assert tokens_out(m, x).shape == ref.shape == (2, V.vit_spec(m).num_tokens, 48)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_masking_equals_pixel_masking(family, one_thread):
+    """Masked patch -> null-patch token (its position embedding and RoPE rotation kept) equals
+    zeroing the patch's pixels in normalised space, for a plain patch-embedding conv."""
+    m = build(family)
+    s = V.vit_spec(m)
+    x = images(m)
+    mask = torch.rand(2, s.num_patches, generator=torch.Generator().manual_seed(3)) < 0.5
+    with torch.no_grad():
+        tok = tokens_out(m, x, mask)
+        pix = tokens_out(m, x * V.pixel_mask(mask, s.grid, s.patch_size, s.img_size))
+        assert (tok - pix).abs().max().item() <= 1e-6
+        assert (tok - tokens_out(m, x)).abs().max().item() > 1e-3  # the mask matters
+
+
+def _attention_pairs(m, impl):
+    capped = V.apply_softcap(copy.deepcopy(m), cap=1e6, impl=impl)
+    rope = V.rope_embed(m)
+    kw = {} if rope is None else {"rope": rope}
+    y = torch.randn(2, V.vit_spec(m).num_tokens, 48, generator=torch.Generator().manual_seed(5)) * 3
+    for own, soft in zip(m.blocks, capped.blocks):
+        yield own.attn(y, **kw), soft.attn(y, **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_softcap_with_huge_cap_equals_family_attention(family, one_thread):
+    m = build(family)
+    with torch.no_grad():
+        for own, soft in _attention_pairs(m, "math"):
+            assert (own - soft).abs().max().item() <= 1e-5
+        capped = V.apply_softcap(copy.deepcopy(m), cap=1e6, impl="math")
+        assert isinstance(capped.blocks[0].attn, V.SoftCapAttention)
+        assert capped.state_dict().keys() == m.state_dict().keys()
+        x = images(m)
+        assert (capped.forward_features(x) - m.forward_features(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["dinov3", "pe_core"])
+def test_rope_skips_exactly_the_prefix_tokens(family, one_thread):
+    """RoPE rotates patch tokens only: rotating the class/register tokens too changes the output."""
+    m = build(family)
+    rope = V.rope_embed(m)
+    assert rope is not None
+    attn = V.SoftCapAttention(copy.deepcopy(m.blocks[0].attn), cap=1e6, impl="math")
+    assert attn.num_prefix_tokens == m.num_prefix_tokens
+    y = torch.randn(2, V.vit_spec(m).num_tokens, 48) * 3
+    with torch.no_grad():
+        right = attn(y, rope=rope)
+        attn.num_prefix_tokens = 0
+        wrong_rope = torch.cat([rope[:1].expand(m.num_prefix_tokens, -1), rope])  # position 0 for the prefix
+        assert (attn(y, rope=wrong_rope) - right).abs().max().item() > 1e-4
+        assert (m.blocks[0].attn(y, rope=rope) - right).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(V._flex_attention() is None, reason="torch < 2.5 has no FlexAttention")
+@pytest.mark.parametrize("family", ["dinov3", "eva02_clip"])
+def test_softcap_flex_path_equals_family_attention(family, one_thread):
+    """The GPU path (FlexAttention, compiled for CPU here, forward only) with RoPE."""
+    m = build(family)
+    with torch.no_grad():
+        for own, soft in _attention_pairs(m, "flex"):
+            assert (own - soft).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_maskembed_step_checkpoint_round_trip_and_load_aligned(family, tmp_path, one_thread):
+    vit = build(family)
+    name, kw = FAMILIES[family]
+    teacher = Teacher(copy.deepcopy(vit))
+    encoder = make_encoder(copy.deepcopy(vit).train(), 24, attn_impl="math")
+    decoder = MaskEmbedDecoder(default_decoder_config(teacher.spec, V.vit_spec(encoder), width=24))
+    model = MaskEmbed(encoder, decoder, teacher)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    s = teacher.spec
+    masks = torch.rand(2, 3, s.num_patches, generator=torch.Generator().manual_seed(2)) < 0.5
+    masks[:, 2] = True
+    x = images(vit)
+    losses = []
+    for _ in range(2):
+        loss = model(x, masks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[1] < losses[0]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in encoder.named_parameters() if n.startswith("blocks"))
+
+    out = save_aligned(tmp_path / family, encoder, decoder, model_name=name, softcap=30.0, timm_kwargs=kw)
+    back = load_aligned(out, attn_impl="math")
+    encoder.eval()
+    with torch.no_grad():
+        assert torch.equal(aligned_features(back.encoder, x), aligned_features(encoder, x))
+        assert torch.equal(back.encoder.forward_features(x), encoder.forward_features(x))
+    assert back.spec == V.vit_spec(encoder)
+
+
+def test_average_pooled_vit_keeps_identity_norm_as_the_reference():
+    """An avg-pool ViT (norm Identity, fc_norm LayerNorm): the encoder re-initialises fc_norm only,
+    as the reference's ``type(model.norm)(dim)``; no trainable LayerNorm is added to the features."""
+    vit = build("avgpool")
+    assert not V.has_final_norm(vit) and isinstance(vit.fc_norm, torch.nn.LayerNorm)
+    enc = make_encoder(copy.deepcopy(vit), 24)
+    assert isinstance(enc.norm, torch.nn.Identity)
+    assert isinstance(enc.fc_norm, torch.nn.LayerNorm) and enc.fc_norm.eps == 1e-5
+    assert not any(k.startswith("norm.") for k in enc.state_dict())
+    with torch.no_grad():  # before training, the aligned features are the teacher's (cap 30 barely matters)
+        x = images(vit)
+        assert (aligned_features(enc.eval(), x) - vit.forward_features(x)).abs().max().item() < 1e-4
+
+
+def test_rmsnorm_final_norm_is_reinitialised_as_its_own_kind():
+    vit = build("aimv2")
+    enc = make_encoder(copy.deepcopy(vit), 24)
+    assert type(enc.norm) is type(vit.norm) and enc.norm.eps == 1e-5
+    assert torch.equal(enc.norm.weight, torch.ones(48))
+
+
+@pytest.mark.parametrize("name,kw,piece", [
+    ("naflexvit_base_patch16_siglip", dict(img_size=32, **TINY), "no fixed patch grid"),
+    ("vitamin_small_224", dict(img_size=32, depth=1), "conv stem"),
+])
+def test_unsupported_models_fail_at_construction_with_one_line(name, kw, piece):
+    if not timm.is_model(name):
+        pytest.skip(f"timm {timm.__version__} has no '{name}'")
+    torch.manual_seed(0)
+    vit = V.create_vit(name, **kw)
+    for build_it in (lambda: make_encoder(copy.deepcopy(vit), 24), lambda: Teacher(copy.deepcopy(vit))):
+        with pytest.raises(ValueError, match=piece) as e:
+            build_it()
+        assert name in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("naflexvit_base_patch16_siglip", dict(img_size=32, **TINY)),
+    ("vitamin_small_224", dict(img_size=32, depth=1)),
+    ("aimv2_large_patch14_336", dict(img_size=28, **TINY)),
+    ("eva02_large_patch14_clip_336", dict(img_size=28, **TINY)),
+])
+def test_probe_baselines_any_timm_vit(name, kw, one_thread):
+    """The probe needs only the grid, prefix tokens, mean/std and features, no MaskEmbed check."""
+    if not timm.is_model(name):
+        pytest.skip(f"timm {timm.__version__} has no '{name}'")
+    torch.manual_seed(0)
+    b = Backbone(V.create_vit(name, **kw), "timm", name)
+    s = b.spec
+    x = torch.randn(2, 3, s.img_size, s.img_size)
+    f = b.features(x)
+    assert f.shape[:2] == (2, s.num_tokens) and s.num_tokens == s.num_prefix_tokens + s.grid**2
+    assert b.describe()["num_tokens"] == s.num_tokens
+
+
+def test_gated_mlp_flops_count_three_projections():
+    s = V.vit_spec(build("aimv2"))
+    assert s.mlp_gated and s.act == "silu"
+    n, d, h = s.num_tokens, s.embed_dim, s.mlp_hidden
+    per_block = 2 * n * (4 * d * d + 3 * d * h) + 4 * n * n * d
+    patch = 2 * s.num_patches * 3 * s.patch_size**2 * d
+    assert V.vit_flops_per_image(s) == s.depth * per_block + patch
