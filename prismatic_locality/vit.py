@@ -261,8 +261,8 @@ def vit_spec(model: nn.Module, strict: bool = True) -> ViTSpec:
 
 
 def block_classes(model: nn.Module) -> set[type]:
-    """The model's class and its block classes (what FSDP wraps)."""
-    return {type(model)} | {type(b) for b in model.blocks}
+    """The model's block classes (timm Block, EvaBlock, ...): what FSDP wraps one by one."""
+    return {type(b) for b in model.blocks}
 
 
 # --------------------------------------------------------------------------------------------

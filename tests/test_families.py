@@ -222,3 +222,48 @@ def test_gated_mlp_flops_count_three_projections():
     per_block = 2 * n * (4 * d * d + 3 * d * h) + 4 * n * n * d
     patch = 2 * s.num_patches * 3 * s.patch_size**2 * d
     assert V.vit_flops_per_image(s) == s.depth * per_block + patch
+
+
+def _stub_prismatic_vision_backbone(monkeypatch):
+    """Prismatic's VisionBackbone base class (attributes only) when TRI-ML Prismatic is not installed."""
+    import importlib
+    import sys
+    import types
+
+    import prismatic_locality.prismatic  # noqa: F401  (the package imports without Prismatic)
+
+    try:
+        importlib.import_module("prismatic.models.backbones.vision")
+    except ImportError:
+        class VisionBackbone(torch.nn.Module):
+            def __init__(self, vision_backbone_id, image_resize_strategy, default_image_size=224):
+                super().__init__()
+                self.identifier, self.image_resize_strategy = vision_backbone_id, image_resize_strategy
+                self.default_image_size = default_image_size
+
+        for name in ("prismatic", "prismatic.models", "prismatic.models.backbones", "prismatic.models.backbones.vision"):
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        sys.modules["prismatic.models.backbones.vision"].VisionBackbone = VisionBackbone
+        monkeypatch.delitem(sys.modules, "prismatic_locality.prismatic.backbone", raising=False)
+    return importlib.import_module("prismatic_locality.prismatic.backbone").AlignedViTBackbone
+
+
+@pytest.mark.parametrize("family", ["dinov3", "pe_core", "eva02_clip", "aimv2"])
+def test_prismatic_aligned_backbone_runs_any_adapter_family(family, tmp_path, monkeypatch, one_thread):
+    from torch.distributed.fsdp.wrap import _or_policy  # noqa: F401  (FSDP import works on CPU)
+
+    vit = build(family)
+    name, kw = FAMILIES[family]
+    enc = make_encoder(copy.deepcopy(vit), 24, attn_impl="math")
+    dec = MaskEmbedDecoder(default_decoder_config(V.vit_spec(vit), V.vit_spec(enc), width=24))
+    save_aligned(tmp_path / "ckpts" / f"{family}-aligned", enc, dec, model_name=name, softcap=30.0, timm_kwargs=kw)
+    monkeypatch.setenv("PRISMATIC_LOCALITY_CKPT_ROOT", str(tmp_path / "ckpts"))
+    AlignedViTBackbone = _stub_prismatic_vision_backbone(monkeypatch)
+    s = V.vit_spec(enc)
+    vb = AlignedViTBackbone(f"{family}-aligned", "resize-naive", default_image_size=s.img_size)
+    assert (vb.embed_dim, vb.num_patches, vb.num_prefix_tokens, vb.num_heads) == (48, s.num_patches, s.num_prefix_tokens, 3)
+    x = images(vit)
+    with torch.no_grad():
+        torch.testing.assert_close(vb(x), aligned_features(enc.eval(), x), rtol=0, atol=0)
+    policy = vb.get_fsdp_wrapping_policy()
+    assert policy(module=vb.featurizer.blocks[0], recurse=False, nonwrapped_numel=0)
