@@ -267,3 +267,46 @@ def test_prismatic_aligned_backbone_runs_any_adapter_family(family, tmp_path, mo
         torch.testing.assert_close(vb(x), aligned_features(enc.eval(), x), rtol=0, atol=0)
     policy = vb.get_fsdp_wrapping_policy()
     assert policy(module=vb.featurizer.blocks[0], recurse=False, nonwrapped_numel=0)
+
+
+def test_official_avgpool_checkpoint_converts(tmp_path):
+    """The reference's student of an avg-pool ViT has no ``norm.*`` (its norm is Identity): it converts,
+    and the converted encoder has the student's features."""
+    from prismatic_locality.convert import convert
+
+    from test_convert import perturbed, write_official
+
+    vit = build("avgpool")
+    enc = perturbed(make_encoder(copy.deepcopy(vit), 24, attn_impl="math"), 1)
+    dec = perturbed(MaskEmbedDecoder(default_decoder_config(V.vit_spec(vit), V.vit_spec(enc), width=24)), 2)
+    assert "norm.weight" not in enc.state_dict() and "fc_norm.weight" in enc.state_dict()
+    name, kw = FAMILIES["avgpool"]
+    src = write_official(tmp_path / "last.pth.tar", enc, dec, "s" + name)
+    out = convert(src, tmp_path / "aligned", timm_kwargs=kw)
+    back = load_aligned(out)
+    x = images(vit)
+    with torch.no_grad():
+        assert torch.equal(aligned_features(back.encoder, x), aligned_features(enc.eval(), x))
+
+
+NEW_RECIPES = ["siglip2-so400m-384", "pe-core-l-336", "dinov3-l-16", "eva02-l-clip-336", "aimv2-l-336", "c-radio-v3-l"]
+
+
+@pytest.mark.parametrize("recipe", NEW_RECIPES)
+def test_new_recipes_name_supported_timm_models(recipe, capsys):
+    from prismatic_locality.align.config import describe_recipe, get_recipe, parse_config
+
+    cfg = get_recipe(recipe)
+    arch = cfg.teacher.model.split(".")[0]
+    if not timm.is_model(arch):
+        pytest.skip(f"timm {timm.__version__} has no '{arch}'")
+    assert "." in cfg.teacher.model and cfg.teacher.model in timm.list_pretrained(arch + "*")  # a real hub tag
+    assert (cfg.global_batch, cfg.optim.lr, cfg.teacher.target) == (1024, 2e-4, "penultimate")
+    torch.manual_seed(0)  # the adapter accepts the architecture (tiny width/depth, the family's own layout)
+    tiny = V.create_vit(arch, **{**cfg.teacher.timm_kwargs, "embed_dim": 48, "depth": 1, "num_heads": 3, "img_size": 32,
+                                 **({"attn_pool_num_heads": 3} if "pe_core" in arch else {})})
+    make_encoder(tiny, 24)
+    assert f"--teacher.model {cfg.teacher.model}" in describe_recipe(recipe)
+    with pytest.raises(SystemExit):
+        parse_config(["--recipe", recipe, "--help"])
+    assert f"--teacher.model {cfg.teacher.model}" in capsys.readouterr().out
