@@ -325,7 +325,11 @@ class SoftCapAttention(nn.Module):
         self.layout = layout
         self.num_heads = attn.num_heads
         self.num_kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)  # grouped-query attention (AttentionRope)
-        self.head_dim = attn.head_dim
+        if hasattr(attn, "head_dim"):
+            self.head_dim = attn.head_dim
+        else:  # timm 0.9.10's EvaAttention
+            lin = attn.q_proj if layout == "separate" else attn.qkv
+            self.head_dim = lin.out_features // (1 if layout == "separate" else 3) // attn.num_heads
         self.scale = attn.scale
         self.cap = cap
         self.impl = impl
@@ -470,7 +474,8 @@ def embed(model: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] = None
         t = t[0]  # (tokens, rope): the RoPE table is recomputed for the blocks by `rope_embed`
     else:
         t = model.patch_drop(t)
-    return model.norm_pre(t)
+    norm_pre = getattr(model, "norm_pre", None)  # timm 0.9.10's Eva has none
+    return t if norm_pre is None else norm_pre(t)
 
 
 def rope_embed(model: nn.Module) -> Optional[torch.Tensor]:

@@ -38,7 +38,7 @@ ROPE = ["dinov3", "pe_core", "pe_spatial", "pe_lang", "eva02_clip", "eva02_fused
 def build(family, seed=0):
     name, kw = FAMILIES[family]
     if not timm.is_model(name):
-        pytest.skip(f"timm {timm.__version__} has no '{name}' ({family}); it needs timm >= 1.0.20")
+        pytest.skip(f"timm {timm.__version__} has no '{name}' ({family}); it needs a newer timm (tested: 1.0.31)")
     torch.manual_seed(seed)
     return V.create_vit(name, **kw).eval()
 
