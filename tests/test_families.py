@@ -26,7 +26,7 @@ FAMILIES = {
     "pe_spatial": ("vit_pe_spatial_large_patch14_448", dict(img_size=28, **TINY)),            # no final norm
     "pe_lang": ("vit_pe_lang_large_patch14_448", dict(img_size=28, **TINY)),                  # cls, LayerScale
     "eva02_clip": ("eva02_large_patch14_clip_336", dict(img_size=28, **TINY)),                # q/k/v proj, SwiGLU, scale norm
-    "eva02_fused": ("eva02_base_patch14_224", dict(img_size=28, **TINY)),                     # fused qkv + q/v bias, avg pool
+    "eva02_fused": ("eva02_base_patch14_224", dict(img_size=28, qkv_fused=True, **TINY)),      # fused qkv + q/v bias, avg pool
     "aimv2": ("aimv2_large_patch14_336", dict(img_size=28, **TINY)),                          # SwiGLU, RmsNorm, no prefix
     "dynamic": ("vit_base_patch16_clip_224", dict(img_size=32, patch_size=8, dynamic_img_size=True, **TINY)),
     "radio": ("vit_large_patch16_radio_v3", dict(img_size=32, **TINY)),                       # 1 cls + 7 reg, no norm
@@ -40,7 +40,11 @@ def build(family, seed=0):
     if not timm.is_model(name):
         pytest.skip(f"timm {timm.__version__} has no '{name}' ({family}); it needs a newer timm (tested: 1.0.31)")
     torch.manual_seed(seed)
-    return V.create_vit(name, **kw).eval()
+    m = V.create_vit(name, **kw).eval()
+    with torch.no_grad():  # zero-initialised biases (EVA's q/v bias) and LayerScales must matter in the tests
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
 
 
 def images(model, b=2, seed=1):
