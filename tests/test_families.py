@@ -314,3 +314,27 @@ def test_new_recipes_name_supported_timm_models(recipe, capsys):
     with pytest.raises(SystemExit):
         parse_config(["--recipe", recipe, "--help"])
     assert f"--teacher.model {cfg.teacher.model}" in capsys.readouterr().out
+
+
+def test_maskembed_step_benchmark_accepts_family_recipes(tmp_path):
+    import importlib.util
+    import pathlib
+
+    if not timm.is_model("vit_large_patch16_dinov3"):
+        pytest.skip(f"timm {timm.__version__} has no DINOv3 / PE models")
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "maskembed_step.py"
+    spec = importlib.util.spec_from_file_location("maskembed_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "step.json"
+    assert bench.main(["--models", "dinov3-l-16:small", "pe-core-l-336:small", "--batch", "1", "--steps", "1",
+                       "--warmup", "0", "--device", "cpu", "--out", str(out)]) == 0
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    ref, fast = rows[0], rows[1]
+    assert (ref["model"], ref["path"], fast["path"]) == ("dinov3-l-16:small", "reference", "fast")
+    assert fast["loss"] == pytest.approx(ref["loss"], abs=1e-5)  # pixel masking = token masking, with RoPE
+    assert bench.model_entry("dinov3-l-16:small") == ("vit_large_patch16_dinov3", {"img_size": 128, **bench.SMALL})
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "no-such-recipe"])
