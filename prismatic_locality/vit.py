@@ -154,7 +154,7 @@ def _attention_layout(attn: nn.Module) -> Optional[str]:
     "separate" (q_proj/k_proj/v_proj); None = not a layout SoftCapAttention reproduces."""
     if isinstance(attn, SoftCapAttention):
         return attn.layout
-    if not all(hasattr(attn, a) for a in ("num_heads", "proj")):
+    if attn is None or not all(hasattr(attn, a) for a in ("num_heads", "proj")):
         return None
     if getattr(attn, "qkv", None) is not None:
         return "fused_qv_bias" if hasattr(attn, "q_bias") else "fused"
@@ -177,7 +177,7 @@ def _mlp_shape(mlp: nn.Module) -> Optional[tuple[int, bool]]:
     if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):
         if isinstance(mlp, GluMlp):  # fc1 packs value and gate: 2h outputs
             return mlp.fc1.out_features // 2, True
-        if type(mlp).__name__ == "Mlp" or isinstance(mlp, Mlp):
+        if isinstance(mlp, Mlp):
             return mlp.fc1.out_features, False
     return None
 
@@ -201,14 +201,15 @@ def _check_maskembed(model: nn.Module) -> None:
     if getattr(model, "rope_mixed", False):
         raise _unsupported(model, "per-block (mixed) RoPE")
     for blk in model.blocks:
-        attn = blk.attn
+        attn = getattr(blk, "attn", None)  # parallel blocks (one fused in_proj) have none
         if _attention_layout(attn) is None:
             raise _unsupported(model, f"attention {type(attn).__name__} (needs a fused qkv or q/k/v projections, as "
                                       "timm's Attention, EvaAttention and AttentionRope)")
         if getattr(attn, "gate", None) is not None:
             raise _unsupported(model, "gated attention")
-        if _mlp_shape(blk.mlp) is None:
-            raise _unsupported(model, f"MLP {type(blk.mlp).__name__} (needs timm's Mlp, GluMlp or SwiGLU)")
+        mlp = getattr(blk, "mlp", None)
+        if _mlp_shape(mlp) is None:
+            raise _unsupported(model, f"MLP {type(mlp).__name__} (needs timm's Mlp, GluMlp or SwiGLU)")
 
 
 def vit_spec(model: nn.Module, strict: bool = True) -> ViTSpec:
@@ -223,7 +224,7 @@ def vit_spec(model: nn.Module, strict: bool = True) -> ViTSpec:
         _check_maskembed(model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     blk = model.blocks[0]
-    attn, mlp = blk.attn, blk.mlp
+    attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
     pe = getattr(model, "patch_embed", None)
     if pe is not None and not hasattr(pe, "backbone"):
         img_size, patch_size = tuple(pe.img_size), tuple(pe.patch_size)
@@ -246,7 +247,7 @@ def vit_spec(model: nn.Module, strict: bool = True) -> ViTSpec:
         act = ""
     return ViTSpec(
         embed_dim=model.embed_dim,
-        num_heads=attn.num_heads,
+        num_heads=getattr(attn, "num_heads", 0),
         depth=len(model.blocks),
         img_size=img_size[0],
         patch_size=patch_size[0],
