@@ -65,7 +65,7 @@ class Teacher(nn.Module):
         """images (B, 3, H, W), masks (B, K, N) -> targets (B·K, T, D), row i·K + k = image i, mask k."""
         B, K, N = masks.shape
         m = masks.reshape(B * K, N)
-        x = images.to(self.vit.patch_embed.proj.weight.dtype)
+        x = images.to(V.param_dtype(self.vit))
         if self.masking == "token":
             t = V.embed(self.vit, x, m, repeats=K)
         else:

@@ -148,6 +148,18 @@ def is_eva(model: nn.Module) -> bool:
     return isinstance(model, Eva)
 
 
+def is_naflex(model: nn.Module) -> bool:
+    """timm's ``NaFlexVit`` (SigLIP 2 NaFlex, RADIO NaFlex): patches embedded by ``embeds``, run here in its
+    standard mode at one fixed square resolution (the pretrained config's input size)."""
+    return hasattr(model, "embeds") and not hasattr(model, "patch_embed")
+
+
+def has_conv_stem(model: nn.Module) -> bool:
+    """A hybrid ViT whose patch tokens come from a CNN (ViTamin's MbConv stages): a masked patch is then
+    defined in pixels (zeroed in normalised space, the paper's definition), see `embed`."""
+    return hasattr(getattr(model, "patch_embed", None), "backbone")
+
+
 def _attention_layout(attn: nn.Module) -> Optional[str]:
     """How an attention module computes q, k, v: "fused" (timm Attention, AttentionRope with a fused
     qkv: bias inside the Linear), "fused_qv_bias" (EvaAttention: bias-free qkv + q_bias/v_bias),
@@ -171,9 +183,11 @@ def _qkv_bias(attn: nn.Module) -> bool:
 
 
 def _mlp_shape(mlp: nn.Module) -> Optional[tuple[int, bool]]:
-    """(hidden width, gated) of timm's Mlp, GluMlp (packed gate, GeGLU/SwiGLU) or SwiGLU."""
+    """(hidden width, gated) of timm's Mlp, GluMlp (packed gate, GeGLU/SwiGLU), SwiGLU or GeGluMlp."""
     if hasattr(mlp, "fc1_g") and hasattr(mlp, "fc1_x"):  # SwiGLU: separate gate and value
         return mlp.fc1_g.out_features, True
+    if all(hasattr(mlp, w) for w in ("w0", "w1", "w2")):  # ViTamin's GeGluMlp: act(w0 x) * w1 x
+        return mlp.w0.out_features, True
     if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):
         if isinstance(mlp, GluMlp):  # fc1 packs value and gate: 2h outputs
             return mlp.fc1.out_features // 2, True
@@ -188,20 +202,20 @@ def _unsupported(model: nn.Module, piece: str) -> ValueError:
 
 def _check_maskembed(model: nn.Module) -> None:
     """One line naming the model and the missing piece, for what MaskEmbed cannot reproduce exactly."""
-    pe = getattr(model, "patch_embed", None)
-    if pe is None:
-        raise _unsupported(model, "no fixed patch grid (NaFlexVit embeds variable-size patch sequences); use the "
-                                  "fixed-grid timm model with the same weights, e.g. vit_so400m_patch16_siglip_384.v2_webli "
-                                  "or vit_large_patch16_radio_v3.c_radio")
-    if hasattr(pe, "backbone"):
-        raise _unsupported(model, f"its {type(pe).__name__} conv stem mixes neighbouring patches, so a masked patch "
-                                  "has no token-level equivalent (only a plain patch-embedding conv is supported)")
-    if not (isinstance(model, VisionTransformer) or is_eva(model)):
-        raise _unsupported(model, f"model class {type(model).__name__} (supported: timm VisionTransformer, Eva)")
+    if is_naflex(model):
+        if getattr(model, "rope", None) is not None:
+            raise _unsupported(model, "NaFlexVit with RoPE (only NaFlex models with learned position embeddings, "
+                                      "e.g. SigLIP 2 and RADIO, are supported)")
+    elif not (isinstance(model, VisionTransformer) or is_eva(model)):
+        raise _unsupported(model, f"model class {type(model).__name__} (supported: timm VisionTransformer, Eva, NaFlexVit)")
+    elif not hasattr(model, "patch_embed"):
+        raise _unsupported(model, "no patch_embed")
     if getattr(model, "rope_mixed", False):
         raise _unsupported(model, "per-block (mixed) RoPE")
     for blk in model.blocks:
-        attn = getattr(blk, "attn", None)  # parallel blocks (one fused in_proj) have none
+        attn = getattr(blk, "attn", None)
+        if attn is None:
+            raise _unsupported(model, f"{type(blk).__name__} has no separate attention module (parallel blocks)")
         if _attention_layout(attn) is None:
             raise _unsupported(model, f"attention {type(attn).__name__} (needs a fused qkv or q/k/v projections, as "
                                       "timm's Attention, EvaAttention and AttentionRope)")
@@ -226,16 +240,14 @@ def vit_spec(model: nn.Module, strict: bool = True) -> ViTSpec:
     blk = model.blocks[0]
     attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
     pe = getattr(model, "patch_embed", None)
-    if pe is not None and not hasattr(pe, "backbone"):
-        img_size, patch_size = tuple(pe.img_size), tuple(pe.patch_size)
-    elif pe is not None:  # a conv stem (ViTamin): one token per feature-map cell
+    if has_conv_stem(model):  # one token per cell of the stem's feature map: a "patch" is its stride
         img_size, grid = tuple(pe.img_size), tuple(pe.grid_size)
         patch_size = (img_size[0] // grid[0], img_size[1] // grid[1])
-    else:  # NaFlex: any size works; probe at the pretrained input size
+    elif pe is not None:
+        img_size, patch_size = tuple(pe.img_size), tuple(pe.patch_size)
+    else:  # NaFlex: one fixed square resolution, the pretrained config's input size
         side = int(cfg.get("input_size", (3, 224, 224))[-1])
-        p = getattr(getattr(model, "embeds", None), "patch_size", 16)
-        p = p[0] if isinstance(p, (tuple, list)) else p
-        img_size, patch_size = (side, side), (p, p)
+        img_size, patch_size = (side, side), tuple(model.embeds.patch_size)
     if img_size[0] != img_size[1] or patch_size[0] != patch_size[1]:
         raise ValueError(f"only square images and patches are supported, got {img_size}/{patch_size}")
     mlp_shape = _mlp_shape(mlp) or (0, False)
@@ -464,7 +476,13 @@ def embed(model: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] = None
     its position: its absolute position embedding is added and (Eva) its RoPE rotation applied in
     the blocks, exactly as for the zeroed image patch it stands for.
     """
-    t = model.patch_embed(x)  # (B, N, D), or (B, h, w, D) for dynamic_img_size models
+    if is_naflex(model) or has_conv_stem(model):
+        return _embed_by_pixels(model, x, mask, repeats)
+    return _embed_patches(model, model.patch_embed(x), mask, repeats)
+
+
+def _embed_patches(model: nn.Module, t: torch.Tensor, mask: Optional[torch.Tensor], repeats: int) -> torch.Tensor:
+    """Patch tokens (B, N, D), or (B, h, w, D) for dynamic_img_size models, to the sequence entering block 0."""
     if repeats > 1:
         t = t.repeat_interleave(repeats, dim=0)
     if mask is not None:
@@ -477,6 +495,34 @@ def embed(model: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] = None
         t = model.patch_drop(t)
     norm_pre = getattr(model, "norm_pre", None)  # timm 0.9.10's Eva has none
     return t if norm_pre is None else norm_pre(t)
+
+
+def _embed_by_pixels(model: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor], repeats: int) -> torch.Tensor:
+    """`embed` for NaFlex and conv-stem models.
+
+    NaFlex: patch projection, norms and the (resampled) position embedding act on each patch token
+    alone, so a masked patch's token is the token of an all-zero image at that position: exactly
+    pixel masking, computed from one extra zero image. Conv stem (ViTamin): the stem mixes
+    neighbouring pixels, so no token stands for a zeroed patch; a masked patch is what the paper
+    defines, its pixels set to 0 in normalised space, and the stem runs on each masked view.
+    """
+    def tokens(images):
+        if is_naflex(model):
+            return model._forward_embeds(images, patch_coord=None, patch_valid=None, attn_mask=None)["patches"]
+        return _embed_patches(model, model.patch_embed(images), None, 1)
+
+    if mask is not None and has_conv_stem(model):  # the stem sees each masked view
+        s = vit_spec(model, strict=False)
+        return tokens(x.repeat_interleave(repeats, dim=0) * pixel_mask(mask, s.grid, s.patch_size, s.img_size).to(x.dtype))
+    t = tokens(x)
+    if repeats > 1:
+        t = t.repeat_interleave(repeats, dim=0)
+    if mask is None:
+        return t
+    null = tokens(torch.zeros_like(x[:1]))  # NaFlex: every position's token for a zeroed patch
+    npt = t.shape[1] - mask.shape[1]
+    keep = torch.cat([mask.new_ones(mask.shape[0], npt), mask], dim=1).to(torch.bool).unsqueeze(-1)
+    return torch.where(keep, t, null)
 
 
 def rope_embed(model: nn.Module) -> Optional[torch.Tensor]:
@@ -510,6 +556,11 @@ def run_blocks(model: nn.Module, t: torch.Tensor, num_blocks: Optional[int] = No
 def final_norm(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """The model's norm after the last block (Identity for average-pooled ViTs: they norm after pooling)."""
     return model.norm(t)
+
+
+def param_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model's weights are in (images are cast to it)."""
+    return next(model.parameters()).dtype
 
 
 def has_final_norm(model: nn.Module) -> bool:
@@ -598,6 +649,9 @@ __all__ = [
     "run_blocks",
     "final_norm",
     "has_final_norm",
+    "param_dtype",
+    "is_naflex",
+    "has_conv_stem",
     "reset_output",
     "output_norm_eps",
     "model_name",

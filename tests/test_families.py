@@ -31,6 +31,10 @@ FAMILIES = {
     "dynamic": ("vit_base_patch16_clip_224", dict(img_size=32, patch_size=8, dynamic_img_size=True, **TINY)),
     "radio": ("vit_large_patch16_radio_v3", dict(img_size=32, **TINY)),                       # 1 cls + 7 reg, no norm
     "avgpool": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, global_pool="avg", **TINY)),  # fc_norm only
+    # NaFlex at its one fixed resolution (pretrained input size, here overlaid to 32 px)
+    "naflex_siglip2": ("naflexvit_base_patch16_siglip", dict(pretrained_cfg_overlay={"input_size": (3, 32, 32)}, **TINY)),
+    "naflex_radio": ("naflexvit_large_patch16_radio_v3", dict(pretrained_cfg_overlay={"input_size": (3, 32, 32)}, **TINY)),
+    "vitamin": ("vitamin_small_224", dict(img_size=32, depth=2)),  # conv stem: masked patch = zeroed pixels; GeGLU
 }
 ROPE = ["dinov3", "pe_core", "pe_spatial", "pe_lang", "eva02_clip", "eva02_fused"]
 
@@ -64,7 +68,8 @@ def test_token_forward_equals_timm_forward_features(family, one_thread):
     with torch.no_grad():
         ref = m.forward_features(x)
         assert (tokens_out(m, x, ones) - ref).abs().max().item() <= 1e-6
-        assert tokens_out(m, x).shape == ref.shape == (2, V.vit_spec(m).num_tokens, 48)
+        s = V.vit_spec(m)
+        assert tokens_out(m, x).shape == ref.shape == (2, s.num_tokens, s.embed_dim)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -86,7 +91,8 @@ def _attention_pairs(m, impl):
     capped = V.apply_softcap(copy.deepcopy(m), cap=1e6, impl=impl)
     rope = V.rope_embed(m)
     kw = {} if rope is None else {"rope": rope}
-    y = torch.randn(2, V.vit_spec(m).num_tokens, 48, generator=torch.Generator().manual_seed(5)) * 3
+    s = V.vit_spec(m)
+    y = torch.randn(2, s.num_tokens, s.embed_dim, generator=torch.Generator().manual_seed(5)) * 3
     for own, soft in zip(m.blocks, capped.blocks):
         yield own.attn(y, **kw), soft.attn(y, **kw)
 
@@ -186,8 +192,9 @@ def test_rmsnorm_final_norm_is_reinitialised_as_its_own_kind():
 
 
 @pytest.mark.parametrize("name,kw,piece", [
-    ("naflexvit_base_patch16_siglip", dict(img_size=32, **TINY), "no fixed patch grid"),
-    ("vitamin_small_224", dict(img_size=32, depth=1), "conv stem"),
+    ("vit_base_patch16_rope_mixed_224", dict(img_size=32, **TINY), "per-block \\(mixed\\) RoPE"),
+    ("vit_base_patch16_xp_224", dict(img_size=32, **TINY), "ParallelScalingBlock has no separate attention"),
+    ("beit_base_patch16_224", dict(img_size=32, **TINY), "model class Beit"),  # relative position bias
 ])
 def test_unsupported_models_fail_at_construction_with_one_line(name, kw, piece):
     if not timm.is_model(name):
@@ -252,7 +259,7 @@ def _stub_prismatic_vision_backbone(monkeypatch):
     return importlib.import_module("prismatic_locality.prismatic.backbone").AlignedViTBackbone
 
 
-@pytest.mark.parametrize("family", ["dinov3", "pe_core", "eva02_clip", "aimv2"])
+@pytest.mark.parametrize("family", ["dinov3", "pe_core", "eva02_clip", "aimv2", "naflex_siglip2", "vitamin"])
 def test_prismatic_aligned_backbone_runs_any_adapter_family(family, tmp_path, monkeypatch, one_thread):
     from torch.distributed.fsdp.wrap import _or_policy  # noqa: F401  (FSDP import works on CPU)
 
@@ -265,7 +272,8 @@ def test_prismatic_aligned_backbone_runs_any_adapter_family(family, tmp_path, mo
     AlignedViTBackbone = _stub_prismatic_vision_backbone(monkeypatch)
     s = V.vit_spec(enc)
     vb = AlignedViTBackbone(f"{family}-aligned", "resize-naive", default_image_size=s.img_size)
-    assert (vb.embed_dim, vb.num_patches, vb.num_prefix_tokens, vb.num_heads) == (48, s.num_patches, s.num_prefix_tokens, 3)
+    assert (vb.embed_dim, vb.num_patches, vb.num_prefix_tokens, vb.num_heads) == (s.embed_dim, s.num_patches,
+                                                                                   s.num_prefix_tokens, s.num_heads)
     x = images(vit)
     with torch.no_grad():
         torch.testing.assert_close(vb(x), aligned_features(enc.eval(), x), rtol=0, atol=0)
@@ -338,3 +346,25 @@ def test_maskembed_step_benchmark_accepts_family_recipes(tmp_path):
     assert bench.model_entry("dinov3-l-16:small") == ("vit_large_patch16_dinov3", {"img_size": 128, **bench.SMALL})
     with pytest.raises(SystemExit):
         bench.main(["--models", "no-such-recipe"])
+
+
+def test_conv_stem_masked_patch_is_zeroed_pixels():
+    """ViTamin: its MbConv stem mixes neighbouring pixels, so a masked patch is defined in pixels (zero in
+    normalised space, the paper's definition): token masking runs the stem on each masked view, equals
+    pixel masking exactly, and a masked patch's neighbours see the zeros through the stem."""
+    vit = build("vitamin")
+    s = V.vit_spec(vit)
+    assert (s.img_size, s.patch_size, s.grid, s.mlp_gated) == (32, 16, 2, True)
+    x = images(vit)
+    mask = torch.ones(2, s.num_patches, dtype=torch.bool)
+    mask[:, 0] = False
+    with torch.no_grad():
+        tok = V.embed(vit, x, mask)
+        pix = V.embed(vit, x * V.pixel_mask(mask, s.grid, s.patch_size, s.img_size))
+        assert torch.equal(tok, pix)
+        plain = V.embed(vit, x)
+        assert (tok[:, 1:] - plain[:, 1:]).abs().max().item() > 1e-4  # the stem leaks across patches
+        t = Teacher(copy.deepcopy(vit))
+        masks = torch.rand(2, 3, s.num_patches, generator=torch.Generator().manual_seed(0)) < 0.5
+        pixel = Teacher(copy.deepcopy(vit), masking="pixel")
+        assert (t(x, masks) - pixel(x, masks)).abs().max().item() <= 1e-6
