@@ -2,13 +2,15 @@
 
 Everything MaskEmbed needs from a ViT goes through this module, so the rest of the package
 never touches timm internals and runs on timm 0.9.10 (Prismatic's pin) and timm 1.0.x alike.
-Two timm model classes are handled (see docs/faithfulness.md, "Backbone families"):
+These timm model classes are handled (see docs/faithfulness.md, "Backbone families"):
 
 - ``VisionTransformer`` (CLIP, SigLIP/SigLIP 2, DINOv2, RADIO, TIPS, AIMv2 with SwiGLU, ...),
   including ``dynamic_img_size`` models at their configured resolution;
 - ``Eva`` (EVA02, Perception Encoder, DINOv3, ...): RoPE on the patch tokens only (never on the
   class/register tokens), fused qkv with separate q/v biases or separate q/k/v projections,
-  SwiGLU/GLU MLPs, LayerScale, post-norm blocks.
+  SwiGLU/GLU MLPs, LayerScale, post-norm blocks;
+- ``NaFlexVit`` (SigLIP 2 / RADIO NaFlex) at one fixed square resolution, and ViTamin's conv stem
+  (a masked patch is then its zeroed pixels).
 
 Other timm models are still probed as baselines (`vit_spec(model, strict=False)`), but MaskEmbed
 refuses them at construction with one line naming the model and the missing piece.
