@@ -560,6 +560,12 @@ def final_norm(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return model.norm(t)
 
 
+def abs_pos_embed(model: nn.Module) -> Optional[torch.Tensor]:
+    """The learned absolute position embedding (1, positions, D) over a fixed grid, None where there is
+    none (DINOv3, RoPE-only PE) or it is not a flat sequence (NaFlex keeps a 2-D grid)."""
+    return None if is_naflex(model) else getattr(model, "pos_embed", None)
+
+
 def param_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the model's weights are in (images are cast to it)."""
     return next(model.parameters()).dtype
@@ -652,6 +658,7 @@ __all__ = [
     "final_norm",
     "has_final_norm",
     "param_dtype",
+    "abs_pos_embed",
     "is_naflex",
     "has_conv_stem",
     "reset_output",
