@@ -94,8 +94,9 @@ def make_encoder(vit: nn.Module, out_dim: int, softcap: float = 30.0, attn_impl:
     - `head` = zero-initialised Linear(embed_dim, out_dim), applied to every token, so the
       decoder's input starts at exactly zero.
 
-    The result is still the timm model (VisionTransformer or Eva) with timm's key names: `forward_features(x)` is
-    the aligned backbone's feature map, `forward(x)` = head(features) is what the decoder sees.
+    The result is still the timm model (VisionTransformer, Eva, NaFlexVit) with its key names:
+    `forward_features(x)` is the aligned backbone's feature map, `forward(x)` = head(features) is what
+    the decoder sees.
     """
     V.vit_spec(vit)  # one line naming the model and the missing piece if MaskEmbed cannot run it exactly
     V.apply_softcap(vit, softcap, attn_impl)

@@ -209,9 +209,9 @@ RECIPES: Dict[str, Callable[[], AlignConfig]] = {
     "clip-b-224": lambda: _recipe("clip-b-224", "vit_base_patch16_clip_quickgelu_224.openai", 3e-4, 256),
     "siglip-b-224": lambda: _recipe("siglip-b-224", "vit_base_patch16_siglip_224", 3e-4, 256),
     "in1k-vit-b": lambda: _recipe("in1k-vit-b", "vit_base_patch16_224.augreg_in21k_ft_in1k", 3e-4, 256),
-    # Today's ViTs (timm >= 1.0.20; docs/align.md): the paper's ViT-L/SO400M hyperparameters, each family's
-    # own resolution and mean/std (read from the teacher's timm config); micro-batches scaled by sequence
-    # length from the reference's 80 GB sizes (32 at 577 tokens), not measured.
+    # Today's ViTs (a timm that has them, tested: 1.0.31; docs/align.md): the paper's ViT-L/SO400M
+    # hyperparameters, each family's own resolution and mean/std (read from the teacher's timm config);
+    # micro-batches scaled by sequence length from the reference's 80 GB sizes (32 at 577 tokens), not measured.
     "siglip2-so400m-384": lambda: _recipe("siglip2-so400m-384", "vit_so400m_patch16_siglip_384.v2_webli", 2e-4, 16),
     "pe-core-l-336": lambda: _recipe("pe-core-l-336", "vit_pe_core_large_patch14_336.fb", 2e-4, 32),
     "dinov3-l-16": lambda: _recipe("dinov3-l-16", "vit_large_patch16_dinov3.lvd1689m", 2e-4, 64,

@@ -27,7 +27,7 @@ class AlignedViTBackbone(VisionBackbone):
         self.dtype = torch.bfloat16  # Prismatic casts the frozen backbone to this; "full-finetune" resets it to fp32
         self.checkpoint_dir = resolve_checkpoint(vision_backbone_id)
         self.featurizer, self.projector_init, self.aligned_config = load_featurizer(self.checkpoint_dir, default_image_size)
-        self.spec = V.vit_spec(self.featurizer)  # any family the adapter supports (VisionTransformer, Eva)
+        self.spec = V.vit_spec(self.featurizer)  # any family the adapter supports (VisionTransformer, Eva, NaFlexVit)
         cfg = self.featurizer.pretrained_cfg  # the checkpoint's mean/std on top of timm's defaults for the arch
         self.image_transform = image_transform(default_image_size, cfg["mean"], cfg["std"], image_resize_strategy,
                                                interpolation=cfg.get("interpolation") or "bicubic")
