@@ -225,7 +225,7 @@ def _check_maskembed(model: nn.Module) -> None:
             raise _unsupported(model, "gated attention")
         mlp = getattr(blk, "mlp", None)
         if _mlp_shape(mlp) is None:
-            raise _unsupported(model, f"MLP {type(mlp).__name__} (needs timm's Mlp, GluMlp or SwiGLU)")
+            raise _unsupported(model, f"MLP {type(mlp).__name__} (needs timm's Mlp, GluMlp, SwiGLU or GeGluMlp)")
 
 
 def vit_spec(model: nn.Module, strict: bool = True) -> ViTSpec:
@@ -255,9 +255,9 @@ def vit_spec(model: nn.Module, strict: bool = True) -> ViTSpec:
     mlp_shape = _mlp_shape(mlp) or (0, False)
     try:
         act = act_name(mlp.act)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError) as e:
         if strict:
-            raise
+            raise _unsupported(model, f"MLP activation ({e})") from None
         act = ""
     return ViTSpec(
         embed_dim=model.embed_dim,
