@@ -214,6 +214,8 @@ def _check_maskembed(model: nn.Module) -> None:
         raise _unsupported(model, "no patch_embed")
     if getattr(model, "rope_mixed", False):
         raise _unsupported(model, "per-block (mixed) RoPE")
+    if getattr(getattr(model, "patch_drop", None), "prob", 0) > 0:
+        raise _unsupported(model, "patch dropout (patch_drop_rate > 0) drops the tokens the masks index")
     for blk in model.blocks:
         attn = getattr(blk, "attn", None)
         if attn is None:

@@ -195,6 +195,8 @@ def test_rmsnorm_final_norm_is_reinitialised_as_its_own_kind():
     ("vit_base_patch16_rope_mixed_224", dict(img_size=32, **TINY), "per-block \\(mixed\\) RoPE"),
     ("vit_base_patch16_xp_224", dict(img_size=32, **TINY), "ParallelScalingBlock has no separate attention"),
     ("beit_base_patch16_224", dict(img_size=32, **TINY), "model class Beit"),  # relative position bias
+    ("vit_base_patch16_224", dict(img_size=32, patch_drop_rate=0.5, **TINY), "patch dropout"),
+    ("eva02_base_patch14_224", dict(img_size=28, patch_drop_rate=0.5, **TINY), "patch dropout"),
 ])
 def test_unsupported_models_fail_at_construction_with_one_line(name, kw, piece):
     if not timm.is_model(name):
