@@ -3,6 +3,12 @@
     python benchmarks/maskembed_step.py --models demo vit-b-16-224 --batch 8          # CPU
     python benchmarks/maskembed_step.py --models demo --batch 64 --cpu-bf16            # + CPU bf16 (demo-bf16)
     python benchmarks/maskembed_step.py --models clip-l-336 so400m-384 --batch 32 --max-batch   # GPU
+    python benchmarks/maskembed_step.py --models pe-core-l-336 dinov3-l-16 --batch 32           # any align recipe
+    python benchmarks/maskembed_step.py --models pe-core-l-336:small dinov3-l-16:small --batch 4 # CPU: 2 blocks, width 64
+
+Models: the names below or any `locality align` recipe (its teacher architecture and timm overrides);
+a ``:small`` suffix keeps the family's layout (attention, RoPE, MLP, prefix tokens, patch size) at
+width 64, depth 2 and an 8 x 8 patch grid, for CPU runs.
 
 Paths (same model, same masks, same micro-batch):
   fast       teacher weights cast once to bf16 (GPU) and run in one batched pass over all K masked
@@ -24,6 +30,7 @@ import argparse
 import copy
 import gc
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -47,8 +54,29 @@ MODELS = {
 }
 
 
+SMALL = dict(embed_dim=64, depth=2, num_heads=4)
+
+
+def model_entry(model: str) -> tuple[str, dict]:
+    """(timm architecture, overrides) of a benchmark model name, an align recipe, or either with ``:small``."""
+    from prismatic_locality.align.config import get_recipe
+
+    base, _, size = model.partition(":")
+    if base in MODELS:
+        arch, kw = MODELS[base]
+    else:
+        cfg = get_recipe(base)  # unknown names: one line listing the recipes
+        arch, kw = cfg.teacher.model.split(".")[0], dict(cfg.teacher.timm_kwargs)
+    if size == "small":
+        patch = int(re.search(r"patch(\d+)", arch).group(1)) if re.search(r"patch(\d+)", arch) else 16
+        kw = {**kw, **SMALL, "img_size": 8 * patch}
+    elif size:
+        raise ValueError(f"model '{model}': unknown size suffix '{size}' (small)")
+    return arch, kw
+
+
 def build(model: str, path: str, device: torch.device, compile_: bool, grad_ckpt: bool):
-    arch, kw = MODELS[model]
+    arch, kw = model_entry(model)
     torch.manual_seed(0)
     vit = V.create_vit(arch, **kw).to(device)
     on_gpu = device.type == "cuda"
@@ -139,7 +167,8 @@ def max_batch(model_name, path, device, compile_, grad_ckpt, start: int, limit: 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["demo", "vit-b-16-224"], choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=["demo", "vit-b-16-224"],
+                   help=f"{' | '.join(MODELS)} | an align recipe (e.g. pe-core-l-336), optionally with :small")
     p.add_argument("--batch", type=int, default=8, help="micro-batch (images) for both paths")
     p.add_argument("--fast-batch", type=int, default=None,
                    help="a larger micro-batch for the fast path only (it fits where the reference's does not)")
@@ -153,6 +182,11 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="benchmarks/results/maskembed_step.json")
     args = p.parse_args(argv)
+    for m in args.models:
+        try:
+            model_entry(m)
+        except ValueError as e:
+            p.error(str(e))
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
@@ -161,7 +195,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     print("FLOPs/image = 3·[ViT_L + head] + K·ViT_{L-1} + 3·K·[decoder + head];"
-          " per block 2n(4d² + 2dh) + 4n²d; backward = 2 × forward")
+          " per block 2n(4d² + 2dh) + 4n²d (gated MLP: 3dh); backward = 2 × forward")
     rows = []
     for model_name in args.models:
         pair = {}

@@ -9,7 +9,7 @@ try:  # timm >= 1.0
 except ImportError:  # timm 0.9.10
     GELUTanh = None
 
-ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU, "silu": nn.SiLU}  # silu: SwiGLU backbones (EVA02, AIMv2)
 
 
 def resolve_act_layer(name: str) -> type:
@@ -21,7 +21,7 @@ def resolve_act_layer(name: str) -> type:
 
         return partial(nn.GELU, approximate="tanh")
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation '{name}' (gelu | quick_gelu | gelu_tanh)")
+        raise ValueError(f"unknown activation '{name}' (gelu | quick_gelu | gelu_tanh | silu)")
     return ACTIVATIONS[name]
 
 
@@ -32,7 +32,9 @@ def act_name(module_or_cls) -> str:
         return "quick_gelu"
     if GELUTanh is not None and issubclass(cls, GELUTanh):
         return "gelu_tanh"
+    if issubclass(cls, nn.SiLU):
+        return "silu"
     if issubclass(cls, nn.GELU):
         approx = getattr(module_or_cls, "approximate", "none") if not isinstance(module_or_cls, type) else "none"
         return "gelu_tanh" if approx == "tanh" else "gelu"
-    raise ValueError(f"unsupported backbone activation {cls.__name__} (gelu | quick_gelu | gelu_tanh)")
+    raise ValueError(f"unsupported backbone activation {cls.__name__} (gelu | quick_gelu | gelu_tanh | silu)")

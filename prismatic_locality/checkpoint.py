@@ -70,7 +70,7 @@ def encoder_config(encoder: nn.Module, model_name: str, softcap: float, timm_kwa
         "mean": list(s.mean),
         "std": list(s.std),
         "softcap": softcap,
-        "norm_eps": encoder.norm.eps,
+        "norm_eps": V.output_norm_eps(encoder),
         "head_out": encoder.head.out_features,
         "timm_kwargs": dict(timm_kwargs or {}),  # architecture overrides passed to timm.create_model
     }

@@ -116,12 +116,13 @@ def student_kwargs(args) -> dict:
 
 def _grid_image_size(vit, pos_embed: torch.Tensor) -> int:
     """The image size whose patch grid matches a checkpoint's position embedding."""
-    prefix_in_pe = vit.pos_embed.shape[1] - vit.patch_embed.num_patches
+    spec = V.vit_spec(vit)
+    prefix_in_pe = V.abs_pos_embed(vit).shape[1] - spec.num_patches
     n = pos_embed.shape[1] - prefix_in_pe
     grid = math.isqrt(n)
     if grid * grid != n:
         raise CheckpointError(f"encoder.pos_embed has {pos_embed.shape[1]} positions: not a square patch grid")
-    return grid * V.vit_spec(vit).patch_size
+    return grid * spec.patch_size
 
 
 def decoder_config(dec_state: dict, spec: V.ViTSpec, source: str) -> DecoderConfig:
@@ -184,7 +185,8 @@ def convert(src: str | Path, out: str | Path, *, use_ema: bool = True, model: Op
         raise CheckpointError(f"{src}: {which} has no encoder.head.weight; not a MaskEmbed student checkpoint")
 
     vit = _build(name, timm_kwargs, src)
-    if "pos_embed" in enc_state and enc_state["pos_embed"].shape != vit.pos_embed.shape:
+    pos_embed = V.abs_pos_embed(vit)
+    if "pos_embed" in enc_state and pos_embed is not None and enc_state["pos_embed"].shape != pos_embed.shape:
         timm_kwargs["img_size"] = _grid_image_size(vit, enc_state["pos_embed"])
         vit = _build(name, timm_kwargs, src)
     encoder = make_encoder(vit, enc_state["head.weight"].shape[0], softcap=softcap, attn_impl="math")

@@ -65,14 +65,14 @@ class Teacher(nn.Module):
         """images (B, 3, H, W), masks (B, K, N) -> targets (B·K, T, D), row i·K + k = image i, mask k."""
         B, K, N = masks.shape
         m = masks.reshape(B * K, N)
-        x = images.to(self.vit.patch_embed.proj.weight.dtype)
+        x = images.to(V.param_dtype(self.vit))
         if self.masking == "token":
             t = V.embed(self.vit, x, m, repeats=K)
         else:
             s = self.spec
             x = x.repeat_interleave(K, dim=0) * V.pixel_mask(m, s.grid, s.patch_size, s.img_size).to(x.dtype)
             t = V.embed(self.vit, x)
-        t = self.vit.norm(V.run_blocks(self.vit, t, self.num_blocks))
+        t = V.final_norm(self.vit, V.run_blocks(self.vit, t, self.num_blocks))
         if self.target == "cls":
             t = self.vit.forward_head(t, pre_logits=True).unsqueeze(1)
         return t * self.scale
@@ -88,26 +88,19 @@ def make_encoder(vit: nn.Module, out_dim: int, softcap: float = 30.0, attn_impl:
     """Turn a pretrained timm ViT (in place) into the MaskEmbed encoder f_θ (spec A.4).
 
     - every block's attention soft-capped at `softcap` (paper App. C: stabilises training);
-    - the final norm re-initialised (and fc_norm, if any); eps 1e-5 as the reference;
+    - the final norm re-initialised (and fc_norm), where the teacher has one: an average-pooled ViT's
+      Identity norm stays Identity, as the reference's ``type(norm)(dim)``; eps 1e-5 as the reference;
     - pooling removed (SigLIP's MAP head is deleted): the whole token sequence is the output;
     - `head` = zero-initialised Linear(embed_dim, out_dim), applied to every token, so the
       decoder's input starts at exactly zero.
 
-    The result is still a timm VisionTransformer with timm's key names: `forward_features(x)` is
-    the aligned backbone's feature map, `forward(x)` = head(features) is what the decoder sees.
+    The result is still the timm model (VisionTransformer, Eva, NaFlexVit) with its key names:
+    `forward_features(x)` is the aligned backbone's feature map, `forward(x)` = head(features) is what
+    the decoder sees.
     """
+    V.vit_spec(vit)  # one line naming the model and the missing piece if MaskEmbed cannot run it exactly
     V.apply_softcap(vit, softcap, attn_impl)
-    dim = vit.embed_dim
-    device = vit.patch_embed.proj.weight.device  # new modules live where the model already is
-    vit.norm = nn.LayerNorm(dim, eps=norm_eps, device=device)
-    if not isinstance(getattr(vit, "fc_norm", nn.Identity()), nn.Identity):
-        vit.fc_norm = nn.LayerNorm(dim, eps=norm_eps, device=device)
-    vit.attn_pool = None
-    vit.global_pool = ""
-    vit.head_drop = nn.Identity()
-    vit.head = nn.Linear(dim, out_dim, device=device)
-    nn.init.zeros_(vit.head.weight)
-    nn.init.zeros_(vit.head.bias)
+    V.reset_output(vit, out_dim, norm_eps)
     vit.requires_grad_(True)
     return vit
 
@@ -118,7 +111,7 @@ def aligned_features(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     Uses our token-level forward, so it is the same on every timm version; it equals timm's
     ``encoder.forward_features(images)``.
     """
-    return encoder.norm(V.run_blocks(encoder, V.embed(encoder, images)))
+    return V.final_norm(encoder, V.run_blocks(encoder, V.embed(encoder, images)))
 
 
 def encode(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import tempfile
@@ -209,9 +210,35 @@ RECIPES: Dict[str, Callable[[], AlignConfig]] = {
     "clip-b-224": lambda: _recipe("clip-b-224", "vit_base_patch16_clip_quickgelu_224.openai", 3e-4, 256),
     "siglip-b-224": lambda: _recipe("siglip-b-224", "vit_base_patch16_siglip_224", 3e-4, 256),
     "in1k-vit-b": lambda: _recipe("in1k-vit-b", "vit_base_patch16_224.augreg_in21k_ft_in1k", 3e-4, 256),
+    # Today's ViTs (a timm that has them, tested: 1.0.31; docs/align.md): the paper's ViT-L/SO400M
+    # hyperparameters, each family's own resolution and mean/std (read from the teacher's timm config);
+    # micro-batches scaled by sequence length from the reference's 80 GB sizes (32 at 577 tokens), not measured.
+    "siglip2-so400m-384": lambda: _recipe("siglip2-so400m-384", "vit_so400m_patch16_siglip_384.v2_webli", 2e-4, 16),
+    "pe-core-l-336": lambda: _recipe("pe-core-l-336", "vit_pe_core_large_patch14_336.fb", 2e-4, 32),
+    "dinov3-l-16": lambda: _recipe("dinov3-l-16", "vit_large_patch16_dinov3.lvd1689m", 2e-4, 64,
+                                   **{"teacher.timm_kwargs": {"img_size": 256}}),
+    "eva02-l-clip-336": lambda: _recipe("eva02-l-clip-336", "eva02_large_patch14_clip_336.merged2b", 2e-4, 32),
+    "aimv2-l-336": lambda: _recipe("aimv2-l-336", "aimv2_large_patch14_336.apple_pt", 2e-4, 32),
+    "c-radio-v3-l": lambda: _recipe("c-radio-v3-l", "vit_large_patch16_radio_v3.c_radio", 2e-4, 16),
     "demo": demo_recipe,
     "demo-bf16": demo_bf16_recipe,
 }
+
+
+def describe_recipe(name: str) -> str:
+    """The fields a recipe sets, as dotted ``--field value`` lines (what ``--recipe X --help`` prints)."""
+    base, cfg = to_dict(AlignConfig()), to_dict(get_recipe(name))
+
+    def diff(a: dict, b: dict, prefix: str = "") -> List[str]:
+        out = []
+        for k, v in b.items():
+            if isinstance(v, dict) and isinstance(a.get(k), dict) and a[k]:  # a config group
+                out += diff(a[k], v, f"{prefix}{k}.")
+            elif a.get(k) != v and k != "recipe":
+                out.append(f"  --{prefix}{k} {json.dumps(v) if isinstance(v, dict) else v}")
+        return out
+
+    return "\n".join([f"recipe '{name}' sets (over the defaults below):", *diff(base, cfg)])
 
 
 def get_recipe(name: str) -> AlignConfig:
@@ -347,6 +374,8 @@ def parse_config(argv: Optional[List[str]] = None) -> AlignConfig:
         _check_keys(file_cfg, AlignConfig, known.config_path)
     recipe = known.recipe or file_cfg.get("recipe")
     base = to_dict(get_recipe(recipe)) if recipe else to_dict(AlignConfig())
+    if recipe and any(a in ("-h", "--help") for a in rest):
+        print(describe_recipe(recipe))
     merged = _deep_merge(base, file_cfg)
     merged["recipe"] = recipe
 
@@ -366,5 +395,6 @@ def parse_config(argv: Optional[List[str]] = None) -> AlignConfig:
 
 __all__ = [
     "AlignConfig", "TeacherConfig", "EncoderConfig", "DecoderOptions", "MaskConfig", "DataConfig",
-    "OptimConfig", "RECIPES", "get_recipe", "demo_recipe", "parse_config", "validate", "check_finite", "to_dict",
+    "OptimConfig", "RECIPES", "get_recipe", "describe_recipe", "demo_recipe", "parse_config", "validate",
+    "check_finite", "to_dict",
 ]

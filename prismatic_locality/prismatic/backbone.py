@@ -6,9 +6,10 @@ from typing import Callable, Tuple
 
 import torch
 from prismatic.models.backbones.vision import VisionBackbone
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Block
 from torch.distributed.fsdp.wrap import _module_wrap_policy, _or_policy, transformer_auto_wrap_policy
 
+from .. import vit as V
 from .features import image_transform, load_featurizer
 from .projector import DecoderProjector
 from .weights import resolve_checkpoint
@@ -26,19 +27,21 @@ class AlignedViTBackbone(VisionBackbone):
         self.dtype = torch.bfloat16  # Prismatic casts the frozen backbone to this; "full-finetune" resets it to fp32
         self.checkpoint_dir = resolve_checkpoint(vision_backbone_id)
         self.featurizer, self.projector_init, self.aligned_config = load_featurizer(self.checkpoint_dir, default_image_size)
+        self.spec = V.vit_spec(self.featurizer)  # any family the adapter supports (VisionTransformer, Eva, NaFlexVit)
         cfg = self.featurizer.pretrained_cfg  # the checkpoint's mean/std on top of timm's defaults for the arch
         self.image_transform = image_transform(default_image_size, cfg["mean"], cfg["std"], image_resize_strategy,
                                                interpolation=cfg.get("interpolation") or "bicubic")
 
     def get_fsdp_wrapping_policy(self) -> Callable:
-        """Wrap each ViT block, the whole featurizer, and the DecoderProjector.
+        """Wrap each ViT block (the featurizer's own block class: timm Block, EvaBlock, ...), the whole
+        featurizer, and the DecoderProjector.
 
         PrismaticVLM applies the union of all policies to every module of the VLM, and its own
         projector policy only knows the stock projectors, so the DecoderProjector is named here
         (its timm Blocks are caught by the Block rule, too).
         """
-        vit = partial(_module_wrap_policy, module_classes={VisionTransformer, DecoderProjector})
-        blocks = partial(transformer_auto_wrap_policy, transformer_layer_cls={Block})
+        vit = partial(_module_wrap_policy, module_classes={type(self.featurizer), DecoderProjector})
+        blocks = partial(transformer_auto_wrap_policy, transformer_layer_cls={Block, *V.block_classes(self.featurizer)})
         return partial(_or_policy, policies=[vit, blocks])
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -54,11 +57,11 @@ class AlignedViTBackbone(VisionBackbone):
 
     @property
     def num_patches(self) -> int:
-        return self.featurizer.patch_embed.num_patches
+        return self.spec.num_patches
 
     @property
     def num_prefix_tokens(self) -> int:
-        return self.featurizer.num_prefix_tokens
+        return self.spec.num_prefix_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -66,7 +69,7 @@ class AlignedViTBackbone(VisionBackbone):
 
     @property
     def num_heads(self) -> int:
-        return self.featurizer.blocks[0].attn.num_heads
+        return self.spec.num_heads
 
     @property
     def half_precision_dtype(self) -> torch.dtype:

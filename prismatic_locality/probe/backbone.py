@@ -1,7 +1,8 @@
 """The frozen backbone being probed: a timm ViT (by name / local weights) or an aligned checkpoint.
 
 Features are the whole token sequence after the last block and the final norm (spec §C.2):
-``forward_features`` for timm models (SigLIP's MAP head is not used), `maskembed.aligned_features`
+``forward_features`` for timm models (SigLIP's MAP head is not used; any timm ViT-like model, including
+ones MaskEmbed cannot align, e.g. NaFlex or ViTamin's conv stem), `maskembed.aligned_features`
 for aligned encoders. The fingerprint (hash of weights + architecture facts) keys the feature cache,
 so changed weights never reuse stale features.
 """
@@ -37,7 +38,9 @@ class Backbone:
             raise ValueError(f"backbone kind must be 'timm' or 'aligned', got {kind!r}")
         self.model = model.eval().requires_grad_(False)
         self.kind, self.name = kind, name
-        self.spec = V.vit_spec(model)
+        # a timm baseline needs only the grid, prefix tokens, mean/std and its own forward_features,
+        # so any timm ViT-like model is probed (no MaskEmbed check); an aligned encoder passed it
+        self.spec = V.vit_spec(model, strict=kind == "aligned")
         self._fingerprint: Optional[tuple] = None
 
     @torch.no_grad()
