@@ -6,11 +6,13 @@ architectures are only built on the meta device (shapes, no memory, no weights).
 import copy
 import os
 
+import numpy as np
 import pytest
 import timm
 import torch
+import torchvision.transforms.functional as TVF
 from PIL import Image
-from torchvision.transforms import Compose
+from torchvision.transforms import Compose, InterpolationMode
 
 from prismatic_locality import vit as V
 from prismatic_locality.checkpoint import CheckpointError, load_aligned, save_aligned
@@ -25,10 +27,18 @@ from conftest import TINY, tiny_vit
 LLM_DIM = 40
 
 
-def make_tiny_checkpoint(path, kind="clip", seed=0, width=24):
-    """A tiny aligned checkpoint with every parameter perturbed (so copies can be told apart)."""
+def make_tiny_checkpoint(path, kind="clip", seed=0, width=24, model_name=None):
+    """A tiny aligned checkpoint with every parameter perturbed (so copies can be told apart).
+
+    `model_name` (a timm name with tag) replaces the kind's architecture, with the same tiny sizes.
+    """
     name, kw = TINY[kind]
-    vit = tiny_vit(kind, seed)
+    if model_name is None:
+        vit = tiny_vit(kind, seed)
+    else:
+        name = model_name
+        torch.manual_seed(seed)
+        vit = V.create_vit(model_name, **kw)
     enc = make_encoder(copy.deepcopy(vit), width)
     dec = MaskEmbedDecoder(default_decoder_config(V.vit_spec(vit), V.vit_spec(enc), width=width))
     g = torch.Generator().manual_seed(seed + 1)
@@ -144,6 +154,34 @@ def test_image_transform_strategies(strategy):
         assert out[:, 0, 8].abs().max() < 0.05 and abs(out[0, 8, 8] - red) < 1e-4
     else:
         assert torch.allclose(out[0], torch.full((16, 16), red), atol=1e-4)
+
+
+@pytest.mark.parametrize("size,pad", [((40, 19), (0, 10)), ((19, 40), (10, 0)), ((40, 20), (0, 10))])
+def test_letterbox_pads_like_prismatic(size, pad):
+    """Prismatic pads ``int(diff / 2)`` on *both* sides: an odd difference leaves the image one pixel short
+    of square (40 x 19 -> 40 x 39), and its transform then resizes the short side and centre-crops."""
+    (w, h), (px, py) = size, pad
+    padded = F.LetterboxPad((0, 0, 255))(Image.new("RGB", size, (255, 0, 0)))
+    assert padded.size == (w + 2 * px, h + 2 * py)
+    red = np.all(np.asarray(padded) == (255, 0, 0), axis=-1)
+    assert red[py:py + h, px:px + w].all() and red.sum() == w * h
+
+    mean, std = (0.5, 0.25, 0.75), (0.5, 0.5, 0.25)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    fill = tuple(int(m * 255) for m in mean)
+    padded = TVF.pad(img, [px, py, px, py], fill=fill)
+    ref = TVF.normalize(TVF.to_tensor(TVF.center_crop(TVF.resize(padded, 16, InterpolationMode.BICUBIC), 16)), mean, std)
+    out = F.image_transform(16, mean, std, "letterbox")(img)
+    assert out.shape == (3, 16, 16) and torch.equal(out, ref)
+
+
+def test_crop_pct_follows_prismatic():
+    assert F.prismatic_crop_pct("vit_base_patch16_clip_quickgelu_224.openai") == 0.9    # timm's value for the tag
+    assert F.prismatic_crop_pct("vit_large_patch14_clip_quickgelu_336.openai") == 1.0
+    assert F.prismatic_crop_pct("vit_so400m_patch14_siglip_384.webli") == 1.0           # Prismatic resizes SigLIP to S
+    assert F.prismatic_crop_pct("not_a_timm_model.x", default=0.5) == 0.5
+    t = F.image_transform(224, (0, 0, 0), (1, 1, 1), "resize-crop", crop_pct=0.9)
+    assert t.transforms[0].size == 248 and t(Image.new("RGB", (300, 250))).shape == (3, 224, 224)
 
 
 def test_image_transform_resize_crop_keeps_aspect():

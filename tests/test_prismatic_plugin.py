@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +34,7 @@ from prismatic_locality.prismatic.backbone import AlignedViTBackbone  # noqa: E4
 from prismatic_locality.prismatic.projector import DecoderProjector  # noqa: E402
 from prismatic_locality.prismatic.registry import register  # noqa: E402
 
+from conftest import TINY  # noqa: E402
 from test_prismatic_modules import make_tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.prismatic
@@ -154,6 +156,30 @@ def test_vision_backbone_and_transform(env):
     assert vb.projector_init.in_proj["weight"].dtype == torch.float32
     # The state dict holds the featurizer only (no decoder, no encoder head).
     assert all(k.startswith("featurizer.") and ".head." not in k for k in vb.state_dict())
+
+
+@pytest.mark.parametrize("strategy", ["resize-naive", "resize-crop", "letterbox"])
+@pytest.mark.parametrize("kind,name", [("clip", "vit_base_patch16_clip_quickgelu_224.openai"),     # crop_pct 0.9
+                                       ("clip", "vit_large_patch14_clip_quickgelu_336.openai"),    # crop_pct 1.0
+                                       ("siglip", "vit_base_patch16_siglip_224.webli")])            # resized to S
+def test_image_transform_matches_prismatic(env, monkeypatch, kind, name, strategy):
+    """The same pixels as Prismatic's own TimmViTBackbone transform for the same timm model, odd
+    letterbox differences included."""
+    import timm
+    from prismatic.models.backbones.vision.base_vision import TimmViTBackbone
+
+    kw = TINY[kind][1]
+    size = kw["img_size"]
+    ck = make_tiny_checkpoint(env / "ck", kind, model_name=name)
+    plugin.register_aligned_backbone("tiny-aligned", size, checkpoint=ck)
+    _, ours = materialize.get_vision_backbone_and_transform("tiny-aligned", strategy)
+    create, arch = timm.create_model, {k: v for k, v in kw.items() if k != "img_size"}
+    monkeypatch.setattr(timm, "create_model", lambda n, pretrained=False, **k: create(n, pretrained=False, **k, **arch))
+    theirs = TimmViTBackbone("stock", name, strategy, default_image_size=size).image_transform
+    rng = np.random.default_rng(0)
+    for w, h in [(50, 21), (21, 50), (40, 20), (33, 33), (7, 90)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        assert torch.equal(ours(img), theirs(img)), (w, h)
 
 
 def test_real_ids_resolve_from_env_root_and_check_size(env, monkeypatch):

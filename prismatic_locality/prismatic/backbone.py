@@ -9,7 +9,7 @@ from prismatic.models.backbones.vision import VisionBackbone
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.distributed.fsdp.wrap import _module_wrap_policy, _or_policy, transformer_auto_wrap_policy
 
-from .features import image_transform, load_featurizer
+from .features import image_transform, load_featurizer, prismatic_crop_pct
 from .projector import DecoderProjector
 from .weights import resolve_checkpoint
 
@@ -27,8 +27,9 @@ class AlignedViTBackbone(VisionBackbone):
         self.checkpoint_dir = resolve_checkpoint(vision_backbone_id)
         self.featurizer, self.projector_init, self.aligned_config = load_featurizer(self.checkpoint_dir, default_image_size)
         cfg = self.featurizer.pretrained_cfg  # the checkpoint's mean/std on top of timm's defaults for the arch
+        crop_pct = prismatic_crop_pct(self.aligned_config["encoder"]["pretrained_tag"], cfg.get("crop_pct") or 1.0)
         self.image_transform = image_transform(default_image_size, cfg["mean"], cfg["std"], image_resize_strategy,
-                                               interpolation=cfg.get("interpolation") or "bicubic")
+                                               interpolation=cfg.get("interpolation") or "bicubic", crop_pct=crop_pct)
 
     def get_fsdp_wrapping_policy(self) -> Callable:
         """Wrap each ViT block, the whole featurizer, and the DecoderProjector.

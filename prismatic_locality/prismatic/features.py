@@ -8,10 +8,12 @@ second-to-last block without norm and drop the prefix tokens.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Sequence
 
+import timm
 import torch.nn as nn
 import torchvision.transforms.functional as TVF
 from PIL import Image
@@ -49,32 +51,53 @@ def load_featurizer(checkpoint_dir: str | os.PathLike, image_size: int | None = 
 
 @dataclass
 class LetterboxPad:
-    """Pad a PIL image to a square with a constant fill (the backbone's mean colour)."""
+    """Pad a PIL image towards a square with a constant fill (the backbone's mean colour).
+
+    Exactly Prismatic's own padding: ``(max - side) // 2`` pixels on *both* sides, so an odd difference
+    leaves the image one pixel short of square (40 x 19 -> 40 x 39); the resize and centre crop that
+    follow in `image_transform` make it S x S.
+    """
 
     fill: tuple[int, int, int]
 
     def __call__(self, image: Image.Image) -> Image.Image:
         (w, h), side = image.size, max(image.size)
-        left, top = (side - w) // 2, (side - h) // 2
-        return TVF.pad(image, [left, top, side - w - left, side - h - top], fill=self.fill, padding_mode="constant")
+        pad_w, pad_h = (side - w) // 2, (side - h) // 2
+        return TVF.pad(image, [pad_w, pad_h, pad_w, pad_h], fill=self.fill, padding_mode="constant")
+
+
+def prismatic_crop_pct(timm_name: str, default: float = 1.0) -> float:
+    """The crop fraction Prismatic's ``resize-crop``/``letterbox`` transforms use for a timm model.
+
+    Prismatic takes timm's eval transform (resize the short side to ``floor(S / crop_pct)``, centre-crop
+    S), except that it resizes SigLIP and IN1k models straight to S. `timm_name` is the full name with
+    its pretrained tag (crop_pct is per tag: 0.9 for CLIP-B/16 ``.openai``, 1.0 for CLIP-L/14@336);
+    `default` is used for a name timm does not know.
+    """
+    if "siglip" in timm_name or "in1k" in timm_name:
+        return 1.0
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    return float(cfg.crop_pct) if cfg is not None and cfg.crop_pct else default
 
 
 def image_transform(image_size: int, mean: Sequence[float], std: Sequence[float], strategy: str,
-                    interpolation: str = "bicubic") -> Compose:
-    """PIL image -> normalised (3, S, S) tensor, honouring Prismatic's resize strategies.
+                    interpolation: str = "bicubic", crop_pct: float = 1.0) -> Compose:
+    """PIL image -> normalised (3, S, S) tensor: Prismatic's resize strategies, pixel for pixel.
 
-    A torchvision ``Compose`` (vlm-evaluation checks for one). Every strategy ends at exactly S x S:
-    ``resize-naive`` squashes, ``resize-crop`` resizes the short side and centre-crops,
-    ``letterbox`` pads to a square with the mean colour first.
+    A torchvision ``Compose`` (vlm-evaluation checks for one). ``resize-naive`` squashes to S x S;
+    ``resize-crop`` resizes the short side to ``floor(S / crop_pct)`` and centre-crops S (timm's eval
+    transform; see `prismatic_crop_pct`); ``letterbox`` pads with the mean colour first (`LetterboxPad`),
+    then does the same.
     """
     interp = InterpolationMode(interpolation)
     size = (image_size, image_size)
     tail = [ToTensor(), Normalize(mean=list(mean), std=list(std))]
+    crop = [Resize(math.floor(image_size / crop_pct), interpolation=interp), CenterCrop(size)]
     if strategy == "resize-naive":
         return Compose([Resize(size, interpolation=interp), *tail])
     if strategy == "resize-crop":
-        return Compose([Resize(image_size, interpolation=interp), CenterCrop(size), *tail])
+        return Compose([*crop, *tail])
     if strategy == "letterbox":
         fill = tuple(int(m * 255) for m in mean)
-        return Compose([LetterboxPad(fill), Resize(size, interpolation=interp), *tail])
+        return Compose([LetterboxPad(fill), *crop, *tail])
     raise ValueError(f"image_resize_strategy '{strategy}' is not supported ({' | '.join(RESIZE_STRATEGIES)})")
