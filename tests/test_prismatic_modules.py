@@ -249,6 +249,19 @@ def test_resolve_from_env_root_and_alias(tmp_path, monkeypatch, no_registrations
     assert W.resolve_checkpoint("clip-vit-l-336px-aligned") == ck  # the fork's id finds the canonical dir
 
 
+@pytest.mark.parametrize("fork_id,ours", [("clip-vit-l-336px-aligned", "clip-l-336-aligned"),
+                                           ("siglip-vit-so400m-384px-aligned", "siglip-so400m-384-aligned"),
+                                           ("clip-vit-b-aligned", "clip-b-224-aligned"),
+                                           ("siglip-vit-b-aligned", "siglip-b-224-aligned")])
+def test_fork_ids_are_aliases(tmp_path, monkeypatch, no_registrations, fork_id, ours):
+    """The paper fork's ids resolve to the same checkpoint folder and image size as ours."""
+    assert W.canonical_id(fork_id) == ours
+    assert W.all_backbone_ids()[fork_id] == W.ALIGNED_BACKBONES[ours].default_image_size
+    ck = make_tiny_checkpoint(tmp_path / ours, "clip")
+    monkeypatch.setenv(W.ENV_ROOT, str(tmp_path))
+    assert W.resolve_checkpoint(fork_id) == ck
+
+
 def test_resolve_rejects_relative_root(monkeypatch, no_registrations):
     monkeypatch.setenv(W.ENV_ROOT, "relative/ckpts")
     with pytest.raises(ValueError, match="not an absolute path"):

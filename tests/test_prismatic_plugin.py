@@ -108,8 +108,10 @@ def test_registration_is_idempotent_and_complete():
         entry = materialize.VISION_BACKBONES[bid]
         assert entry["cls"] is AlignedViTBackbone and entry["kwargs"] == {"default_image_size": size}
     assert {"clip-l-336-aligned", "siglip-so400m-384-aligned", "clip-b-224-aligned", "siglip-b-224-aligned",
-            "clip-vit-l-336px-aligned", "siglip-vit-so400m-384px-aligned"} <= set(materialize.VISION_BACKBONES)
+            "clip-vit-l-336px-aligned", "siglip-vit-so400m-384px-aligned", "clip-vit-b-aligned",
+            "siglip-vit-b-aligned"} <= set(materialize.VISION_BACKBONES)
     assert materialize.VISION_BACKBONES["clip-vit-l-336px-aligned"]["kwargs"]["default_image_size"] == 336
+    assert materialize.VISION_BACKBONES["siglip-vit-b-aligned"]["kwargs"]["default_image_size"] == 224
     assert set(plugin.MODEL_CONFIGS) <= set(ModelConfig.get_known_choices())
     # Stock projectors are untouched: the patch only claims its own arch specifiers.
     assert not any(a.endswith(("gelu-mlp", "linear")) for a in plugin.registry.DECODER_ARCHS)

@@ -50,6 +50,8 @@ ALIGNED_BACKBONES: dict[str, AlignedBackboneId] = {
 ALIASES: dict[str, str] = {
     "clip-vit-l-336px-aligned": "clip-l-336-aligned",
     "siglip-vit-so400m-384px-aligned": "siglip-so400m-384-aligned",
+    "clip-vit-b-aligned": "clip-b-224-aligned",        # the fork's svit_base_patch16_clip_quickgelu_224
+    "siglip-vit-b-aligned": "siglip-b-224-aligned",    # the fork's svit_base_patch16_siglip_224
 }
 
 _registered: dict[str, str] = {}  # id -> absolute directory or hf:// location
