@@ -257,6 +257,65 @@ def test_decoder_arch_needs_an_aligned_backbone(env):
         materialize.get_vlm("m", "no-align+decoder", Stock(), llm)
 
 
+UPSTREAM_PRETRAIN = Path(prismatic_pkg.__file__).resolve().parents[1] / "scripts" / "pretrain.py"
+needs_upstream_script = pytest.mark.skipif(not UPSTREAM_PRETRAIN.is_file(),
+                                           reason=f"Prismatic's scripts/pretrain.py not found at {UPSTREAM_PRETRAIN} (not a source install)")
+
+
+@pytest.fixture(scope="module")
+def PretrainConfig():
+    """The PretrainConfig of Prismatic's own scripts/pretrain.py (its module body only; nothing runs)."""
+    import runpy
+
+    return runpy.run_path(str(UPSTREAM_PRETRAIN), run_name="prismatic_pretrain")["PretrainConfig"]
+
+
+def pretrain_commands(doc: Path) -> list[list[str]]:
+    """The argument lists of every ``scripts/pretrain.py`` command in a doc's bash blocks."""
+    import re
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
+        for cmd in block.replace("\\\n", " ").splitlines():
+            if "scripts/pretrain.py" in cmd and not cmd.lstrip().startswith("#"):
+                words = shlex.split(cmd, comments=True)
+                commands.append(words[words.index("scripts/pretrain.py") + 1:])
+    return commands
+
+
+@needs_upstream_script
+@pytest.mark.parametrize("group,field,value", [("model", "vision_backbone_id", "siglip-so400m-384-aligned"),
+                                                ("dataset", "dataset_root_dir", Path("/data/llava"))])
+def test_pretrain_field_without_type_is_the_default_config_with_that_field(PretrainConfig, group, field, value):
+    """``--model.vision_backbone_id X`` alone = Prismatic's default model config with X (draccus from PyPI
+    otherwise refuses it: "Expected a dict with a 'type' key")."""
+    cfg = draccus.parse(PretrainConfig, args=[f"--{group}.{field}", str(value)])
+    default = PretrainConfig.__dataclass_fields__[group].default_factory()
+    got = getattr(cfg, group)
+    assert type(got) is type(default) and getattr(got, field) == value
+    assert dataclasses.replace(default, **{field: value}) == got
+    # An explicit type still wins.
+    cfg = draccus.parse(PretrainConfig, args=["--model.type", "aligned-mlp-clip-l-336+7b", "--model.llm_max_length", "64"])
+    assert (cfg.model.model_id, cfg.model.llm_max_length) == ("aligned-mlp-clip-l-336+7b", 64)
+
+
+@needs_upstream_script
+@pytest.mark.parametrize("doc", ["README.md", "docs/prismatic.md"])
+def test_documented_pretrain_commands_parse(PretrainConfig, doc):
+    """Every documented training command parses with Prismatic's own PretrainConfig, names one of our
+    aligned backbones, and logs to jsonl only (upstream's default also starts wandb under its authors' entity)."""
+    commands = pretrain_commands(REPO / doc)
+    assert len(commands) >= 2, f"{doc}: expected both forms (--model.type and --model.vision_backbone_id)"
+    forms = set()
+    for args in commands:
+        cfg = draccus.parse(PretrainConfig, args=args)
+        assert cfg.trackers == ("jsonl",), (doc, args)
+        assert cfg.model.vision_backbone_id in W.all_backbone_ids(), (doc, args)
+        forms.add("--model.type" in args)
+    assert forms == {True, False}, f"{doc}: document both forms"
+
+
 @pytest.mark.slow
 def test_pretrain_wrapper_imports_plugin_then_runs_upstream_script(tmp_path):
     """scripts/pretrain.py in a fresh process: plugin registered before the upstream script runs as __main__."""

@@ -14,14 +14,22 @@
    Our specifiers start with ``no-align+`` (so single-stage runs need no align checkpoint) and
    never end in ``linear``/``gelu-mlp``, which upstream would silently build as its own projector.
 
-Also ``PrismaticVLM._supports_cache_class = False`` when unset: transformers >= 4.42 asks
-`generate` callers for it (TRI-ML/prismatic-vlms#42); the value is what the fork sets.
+Two attributes are also set on Prismatic's classes, each only where nothing else set it:
+
+- ``PrismaticVLM._supports_cache_class = False``: transformers >= 4.42 asks `generate` callers for
+  it (TRI-ML/prismatic-vlms#42); the value is what the fork sets.
+- ``ModelConfig``/``DatasetConfig.default_choice_name``: the draccus on PyPI refuses a group field
+  without its type (``--model.vision_backbone_id X`` alone: "Expected a dict with a 'type' key")
+  unless the choice class names a default. Upstream's commands rely on the meaning the draccus it
+  was written for gives them, its ``scripts/pretrain.py`` defaults with that field replaced, so
+  those defaults (``prism-dinosiglip+7b``, ``llava-v15``) are named here.
 """
 from __future__ import annotations
 
 from functools import wraps
 
 import prismatic.models.materialize as materialize
+from prismatic.conf import DatasetConfig, DatasetRegistry, ModelConfig, ModelRegistry
 from prismatic.models.vlms.prismatic import PrismaticVLM
 
 from .backbone import AlignedViTBackbone
@@ -77,10 +85,23 @@ def _patch_projector_selection() -> None:
     PrismaticVLM.__init__ = __init__
 
 
+# The defaults of upstream's scripts/pretrain.py (PretrainConfig.model / .dataset).
+DEFAULT_CHOICES = ((ModelConfig, ModelRegistry.PRISM_DINOSIGLIP_7B.model_id),
+                   (DatasetConfig, DatasetRegistry.LLAVA_V15.dataset_id))
+
+
+def _name_default_choices() -> None:
+    for choice_cls, default in DEFAULT_CHOICES:
+        named = getattr(choice_cls, "default_choice_name", None)  # absent in older draccus, which needs none
+        if named is not None and named() is None:
+            choice_cls.default_choice_name = classmethod(lambda cls, name=default: name)
+
+
 def register() -> None:
     for backbone_id, size in all_backbone_ids().items():
         register_aligned_backbone(backbone_id, size)
     register_model_configs()
+    _name_default_choices()
     _patch_projector_selection()
     if not hasattr(PrismaticVLM, "_supports_cache_class"):
         PrismaticVLM._supports_cache_class = False
