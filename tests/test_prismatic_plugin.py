@@ -318,23 +318,33 @@ def test_documented_pretrain_commands_parse(PretrainConfig, doc):
 
 @pytest.mark.slow
 def test_pretrain_wrapper_imports_plugin_then_runs_upstream_script(tmp_path):
-    """scripts/pretrain.py in a fresh process: plugin registered before the upstream script runs as __main__."""
+    """scripts/pretrain.py in a fresh process: plugin registered before the upstream script runs as __main__,
+    and the issue's command (a backbone without --model.type) parses there."""
     fake = tmp_path / "pretrain.py"
     report = tmp_path / "report.json"
     fake.write_text(
         "import json, sys\n"
+        "from dataclasses import dataclass, field\n"
+        "import draccus\n"
         "import prismatic.models.materialize as m\n"
-        "from prismatic.conf import ModelConfig\n"
+        "from prismatic.conf import ModelConfig, ModelRegistry\n"
+        "@dataclass\n"
+        "class PretrainConfig:  # upstream's model field and its default\n"
+        "    model: ModelConfig = field(default_factory=ModelConfig.get_choice_class(ModelRegistry.PRISM_DINOSIGLIP_7B.model_id))\n"
+        "    stage: str = 'align'\n"
+        "cfg = draccus.parse(PretrainConfig)\n"
         f"json.dump({{'name': __name__, 'argv': sys.argv, 'backbone': 'clip-l-336-aligned' in m.VISION_BACKBONES,"
-        f" 'config': 'aligned-decoder-clip-l-336+7b' in ModelConfig.get_known_choices()}}, open({str(report)!r}, 'w'))\n"
+        f" 'config': 'aligned-decoder-clip-l-336+7b' in ModelConfig.get_known_choices(),"
+        f" 'model': [cfg.model.model_id, cfg.model.vision_backbone_id, cfg.stage]}}, open({str(report)!r}, 'w'))\n"
     )
     env = dict(os.environ, PRISMATIC_PRETRAIN_SCRIPT=str(fake), HF_HUB_OFFLINE="1")
-    args = ["--model.type", "aligned-decoder-clip-l-336+7b", "--stage", "finetune"]
+    args = ["--model.vision_backbone_id", "siglip-so400m-384-aligned", "--stage", "finetune"]
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "pretrain.py"), *args], env=env, capture_output=True,
                        text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(report.read_text())
-    assert got == {"name": "__main__", "argv": [str(fake), *args], "backbone": True, "config": True}
+    assert got == {"name": "__main__", "argv": [str(fake), *args], "backbone": True, "config": True,
+                   "model": ["prism-dinosiglip+7b", "siglip-so400m-384-aligned", "finetune"]}
 
 
 def test_pretrain_wrapper_names_the_missing_script(tmp_path, monkeypatch):
