@@ -309,3 +309,99 @@ def test_resolve_hub_id_from_offline_cache(tmp_path, monkeypatch, no_registratio
     W.register_checkpoint("clip-b-224-aligned", "hf://acme/not-cached")
     with pytest.raises(FileNotFoundError, match="hf://acme/not-cached"):
         W.resolve_checkpoint("clip-b-224-aligned")
+
+
+# ------------------------------------------------------------------------------------------------
+# SigLIP 2 and PE-Core (timm >= 1.0.15 / 1.0.16; Prismatic pins 0.9.10)
+# ------------------------------------------------------------------------------------------------
+
+SIGLIP2, PE_CORE = "vit_so400m_patch16_siglip_384.v2_webli", "vit_pe_core_large_patch14_336.fb"
+TINY_KW = TINY["clip"][1]  # img 32, patch 8, width 48, depth 3: 16 patches
+
+
+def needs_timm(name, version):
+    return pytest.mark.skipif(not timm.is_model(name.split(".")[0]),
+                              reason=f"timm {timm.__version__} lacks {name} (needs timm>={version})")
+
+
+def adapter_gap(name):
+    """Why the timm adapter cannot make an aligned encoder of `name` yet (None if it can)."""
+    if not timm.is_model(name.split(".")[0]):
+        return None
+    try:
+        make_encoder(V.create_vit(name, **TINY_KW), 24).forward_features(torch.zeros(1, 3, 32, 32))
+    except Exception as e:  # noqa: BLE001 -- any failure means: not supported by the adapter yet
+        return f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    return None
+
+
+EVA_GAP = adapter_gap(PE_CORE)
+
+
+def test_new_family_ids():
+    a, s = W.ALIGNED_BACKBONES, W.STOCK_BACKBONES
+    assert (a["siglip2-so400m-384-aligned"].teacher, a["siglip2-so400m-384-aligned"].default_image_size) == (SIGLIP2, 384)
+    assert (a["pe-core-l-336-aligned"].teacher, a["pe-core-l-336-aligned"].default_image_size) == (PE_CORE, 336)
+    for b in a.values():
+        if b.min_timm is not None:  # the baseline is ours: same teacher, same size, same timm
+            stock = s[b.stock_id]
+            assert (stock.timm_name, stock.default_image_size, stock.min_timm) == (b.teacher, b.default_image_size, b.min_timm)
+    assert (W.SIGLIP2_TIMM, W.PE_CORE_TIMM) == ("1.0.15", "1.0.16")
+    assert not set(s) & set(W.all_backbone_ids())
+
+
+@needs_timm(PE_CORE, W.PE_CORE_TIMM)
+@pytest.mark.parametrize("name,tokens", [(SIGLIP2, 576), (PE_CORE, 576)])
+def test_new_family_tags_exist_in_timm(name, tokens):
+    assert name in timm.list_pretrained(name.split(".")[0] + "*")
+    cfg = timm.models.get_pretrained_cfg(name)
+    size = cfg.input_size[-1]
+    assert size in (384, 336) and (size // int(name.split("patch")[1][:2])) ** 2 == tokens
+
+
+def test_require_timm_names_the_version(monkeypatch):
+    W.require_timm("clip-l-336-aligned")     # in timm 0.9.10: nothing to require
+    W.require_timm("some-user-id")           # unknown ids are not checked
+    monkeypatch.setattr(timm, "is_model", lambda name: False)
+    for bid, v in [("pe-core-l-336-aligned", "1.0.16"), ("siglip2-vit-so400m-384px", "1.0.15")]:
+        with pytest.raises(ValueError, match=rf"'{bid}' needs timm>={v} .*pip install 'timm>={v}'") as e:
+            W.require_timm(bid)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name,version", [(SIGLIP2, W.SIGLIP2_TIMM), (PE_CORE, W.PE_CORE_TIMM)])
+def test_stock_featurizer_is_prismatics_feature(name, version):
+    """Second-to-last block, no final norm, patch tokens only: a copy cut after that block, norm removed."""
+    if not timm.is_model(name.split(".")[0]):
+        pytest.skip(f"timm {timm.__version__} lacks {name} (needs timm>={version})")
+    kw = {k: v for k, v in TINY_KW.items() if k != "img_size"}
+    torch.manual_seed(0)
+    feat = F.load_stock_featurizer(name, 32, pretrained=False, **kw)
+    cut = copy.deepcopy(feat)
+    cut.blocks, cut.norm = cut.blocks[:-1], torch.nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    out = feat(x)
+    assert out.shape == (2, 16, 48) and not feat.training
+    torch.testing.assert_close(out, cut.forward_features(x)[:, feat.num_prefix_tokens:], rtol=0, atol=0)
+    if hasattr(feat, "get_intermediate_layers"):  # Prismatic's own call (a list on timm >= 1.0.3)
+        torch.testing.assert_close(out, feat.get_intermediate_layers(x, n={len(feat.blocks) - 2})[0], rtol=0, atol=0)
+
+
+@needs_timm(SIGLIP2, W.SIGLIP2_TIMM)
+def test_aligned_siglip2_featurizer(tmp_path):
+    ck = make_tiny_checkpoint(tmp_path / "ck", "clip", model_name=SIGLIP2)
+    featurizer, init, cfg = F.load_featurizer(ck, image_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    assert cfg["encoder"]["pretrained_tag"] == SIGLIP2 and cfg["encoder"]["num_tokens"] == 16  # no CLS
+    torch.testing.assert_close(featurizer(x), load_aligned(ck).encoder.forward_features(x))
+    assert F.prismatic_crop_pct(SIGLIP2) == 1.0
+
+
+@needs_timm(PE_CORE, W.PE_CORE_TIMM)
+@pytest.mark.skipif(EVA_GAP is not None, reason=f"the timm adapter does not handle timm's Eva class (PE-Core) yet: {EVA_GAP}")
+def test_aligned_pe_core_featurizer(tmp_path):
+    ck = make_tiny_checkpoint(tmp_path / "ck", "clip", model_name=PE_CORE)
+    featurizer, init, cfg = F.load_featurizer(ck, image_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    assert cfg["encoder"]["num_tokens"] == 17  # CLS + 16 patches
+    torch.testing.assert_close(featurizer(x), load_aligned(ck).encoder.forward_features(x))

@@ -112,6 +112,11 @@ def test_registration_is_idempotent_and_complete():
             "siglip-vit-b-aligned"} <= set(materialize.VISION_BACKBONES)
     assert materialize.VISION_BACKBONES["clip-vit-l-336px-aligned"]["kwargs"]["default_image_size"] == 336
     assert materialize.VISION_BACKBONES["siglip-vit-b-aligned"]["kwargs"]["default_image_size"] == 224
+    for b in W.STOCK_BACKBONES.values():  # the SigLIP 2 / PE-Core baselines Prismatic lacks
+        assert materialize.VISION_BACKBONES[b.id] == {"cls": plugin.StockViTBackbone,
+                                                      "kwargs": {"default_image_size": b.default_image_size}}
+    assert {"siglip2-so400m-384-aligned", "pe-core-l-336-aligned", "siglip2-vit-so400m-384px",
+            "pe-core-vit-l-336px"} <= set(materialize.VISION_BACKBONES)
     assert set(plugin.MODEL_CONFIGS) <= set(ModelConfig.get_known_choices())
     # Stock projectors are untouched: the patch only claims its own arch specifiers.
     assert not any(a.endswith(("gelu-mlp", "linear")) for a in plugin.registry.DECODER_ARCHS)
@@ -133,7 +138,10 @@ def test_model_configs_share_one_recipe():
         return json.dumps({k: v for k, v in d.items() if k not in ("model_id", "vision_backbone_id", "arch_specifier")})
 
     configs = plugin.MODEL_CONFIGS
-    assert len(configs) == 14 and {recipe(c) for c in configs.values()} == {recipe(configs["baseline-clip-l-336+7b"])}
+    assert len(configs) == 20 and {recipe(c) for c in configs.values()} == {recipe(configs["baseline-clip-l-336+7b"])}
+    assert configs["baseline-siglip2-so400m-384+7b"]().vision_backbone_id == "siglip2-vit-so400m-384px"
+    assert configs["aligned-decoder-pe-core-l-336+7b"]().vision_backbone_id == "pe-core-l-336-aligned"
+    assert configs["baseline-pe-core-l-336+7b"]().arch_specifier == "no-align+gelu-mlp"
     assert configs["baseline-dinosiglip-so400m-384+7b"]().vision_backbone_id == "dinosiglip-vit-so-384px"
     assert configs["baseline-dinoclip-l-336+7b"]().arch_specifier == "no-align+fused-gelu-mlp"
     assert configs["aligned-mlp-clip-l-336+7b"]().arch_specifier == "no-align+gelu-mlp"
@@ -182,6 +190,97 @@ def test_image_transform_matches_prismatic(env, monkeypatch, kind, name, strateg
     for w, h in [(50, 21), (21, 50), (40, 20), (33, 33), (7, 90)]:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         assert torch.equal(ours(img), theirs(img)), (w, h)
+
+
+SIGLIP2, PE_CORE = "vit_so400m_patch16_siglip_384.v2_webli", "vit_pe_core_large_patch14_336.fb"
+
+
+def tiny_timm(monkeypatch, kind="clip"):
+    """timm.create_model builds the tiny architecture of TINY[kind] with random weights (no download)."""
+    import timm
+
+    create, arch = timm.create_model, {k: v for k, v in TINY[kind][1].items() if k != "img_size"}
+    monkeypatch.setattr(timm, "create_model", lambda n, pretrained=False, **k: create(n, pretrained=False, **k, **arch))
+
+
+def tiny_stock_id(monkeypatch, timm_name):
+    """A 32 px stock id for `timm_name`, registered like the real ones (needs the timm that has it)."""
+    import timm
+
+    b = next(b for b in W.STOCK_BACKBONES.values() if b.timm_name == timm_name)
+    if not timm.is_model(timm_name.split(".")[0]):
+        pytest.skip(f"timm {timm.__version__} lacks {timm_name} (needs timm>={b.min_timm})")
+    tiny = W.StockBackboneId(f"tiny-{b.id}", 32, timm_name, b.min_timm)
+    monkeypatch.setitem(W.STOCK_BACKBONES, tiny.id, tiny)
+    monkeypatch.setitem(materialize.VISION_BACKBONES, tiny.id, {"cls": plugin.StockViTBackbone, "kwargs": {"default_image_size": 32}})
+    tiny_timm(monkeypatch)
+    return tiny.id
+
+
+def test_stock_siglip2_matches_prismatics_own_backbone(env, monkeypatch):
+    """SigLIP 2 is a plain VisionTransformer, so Prismatic's TimmViTBackbone can be built for it: same
+    transform pixels, same features (it returns them in a list on timm >= 1.0.3, its issue #34)."""
+    from prismatic.models.backbones.vision.base_vision import TimmViTBackbone
+
+    bid = tiny_stock_id(monkeypatch, SIGLIP2)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(50, 21), (21, 50), (40, 40)]]
+    for strategy in ("resize-naive", "resize-crop", "letterbox"):
+        ours, transform = materialize.get_vision_backbone_and_transform(bid, strategy)
+        theirs = TimmViTBackbone("stock", SIGLIP2, strategy, default_image_size=32)
+        for img in imgs:
+            assert torch.equal(transform(img), theirs.image_transform(img)), strategy
+    theirs.featurizer.load_state_dict(ours.featurizer.state_dict())
+    x = torch.stack([transform(img) for img in imgs])
+    ref = theirs(x)
+    ref = ref[0] if isinstance(ref, list) else ref
+    assert ours(x).shape == (3, 16, 48) and torch.equal(ours(x), ref)
+    assert (ours.embed_dim, ours.num_patches, ours.default_image_resolution) == (48, 16, (3, 32, 32))
+
+
+@pytest.mark.parametrize("timm_name", [SIGLIP2, PE_CORE])
+def test_stock_baseline_trains_in_prismatic(env, monkeypatch, timm_name):
+    """A baseline-<family>+7b model: the stock backbone, Prismatic's MLP projector, a training step."""
+    bid = tiny_stock_id(monkeypatch, timm_name)
+    vb, transform = materialize.get_vision_backbone_and_transform(bid, "letterbox")
+    llm, tok = materialize.get_llm_backbone_and_tokenizer(TINY_LLM, llm_max_length=64)
+    vlm = materialize.get_vlm("baseline-tiny+test", "no-align+gelu-mlp", vb, llm)
+    vlm.freeze_backbones("finetune")
+    policy = vlm.get_fsdp_wrapping_policy()
+    wraps = lambda m: policy(module=m, recurse=False, nonwrapped_numel=10**9)  # noqa: E731
+    assert wraps(vb.featurizer) and wraps(vb.featurizer.blocks[0])
+    b = batch(transform, tok)
+    out = vlm(**b)
+    assert out.logits.shape[1] == b["input_ids"].shape[1] + 16  # patch tokens only, as Prismatic's baselines
+    out.loss.backward()
+    assert vlm.projector.projector[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in vb.parameters())
+
+
+def test_new_family_ids_need_a_newer_timm(env, monkeypatch):
+    """On Prismatic's timm 0.9.10 (simulated on a newer one), one line says which timm to install."""
+    import timm
+
+    monkeypatch.setattr(timm, "is_model", lambda name: False)
+    for bid, v in [("siglip2-vit-so400m-384px", "1.0.15"), ("pe-core-l-336-aligned", "1.0.16")]:
+        with pytest.raises(ValueError, match=rf"'{bid}' needs timm>={v}.*pip install 'timm>={v}'"):
+            materialize.get_vision_backbone_and_transform(bid, "resize-naive")
+
+
+@pytest.mark.parametrize("timm_name", [SIGLIP2])
+def test_aligned_new_family_in_prismatic(env, timm_name):
+    """An aligned SigLIP 2 checkpoint under its id: backbone, DecoderProjector, a forward pass.
+    (PE-Core needs the timm adapter's Eva support for its aligned encoder.)"""
+    import timm
+
+    if not timm.is_model(timm_name.split(".")[0]):
+        pytest.skip(f"timm {timm.__version__} lacks {timm_name} (needs timm>={W.SIGLIP2_TIMM})")
+    plugin.register_aligned_backbone("tiny-siglip2-aligned", 32,
+                                     checkpoint=make_tiny_checkpoint(env / "s2", "clip", model_name=timm_name))
+    vlm, transform, tok = build_vlm(backbone_id="tiny-siglip2-aligned")
+    assert isinstance(vlm.projector, DecoderProjector) and vlm.vision_backbone.num_tokens == 16
+    b = batch(transform, tok)
+    assert vlm(**b).logits.shape[1] == b["input_ids"].shape[1] + 16
 
 
 def test_real_ids_resolve_from_env_root_and_check_size(env, monkeypatch):

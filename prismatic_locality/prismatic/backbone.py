@@ -11,7 +11,7 @@ from torch.distributed.fsdp.wrap import _module_wrap_policy, _or_policy, transfo
 
 from .features import image_transform, load_featurizer, prismatic_crop_pct
 from .projector import DecoderProjector
-from .weights import resolve_checkpoint
+from .weights import require_timm, resolve_checkpoint
 
 
 class AlignedViTBackbone(VisionBackbone):
@@ -24,6 +24,7 @@ class AlignedViTBackbone(VisionBackbone):
     def __init__(self, vision_backbone_id: str, image_resize_strategy: str, default_image_size: int = 224) -> None:
         super().__init__(vision_backbone_id, image_resize_strategy, default_image_size=default_image_size)
         self.dtype = torch.bfloat16  # Prismatic casts the frozen backbone to this; "full-finetune" resets it to fp32
+        require_timm(vision_backbone_id)  # SigLIP 2 / PE-Core need a newer timm than Prismatic's pin
         self.checkpoint_dir = resolve_checkpoint(vision_backbone_id)
         self.featurizer, self.projector_init, self.aligned_config = load_featurizer(self.checkpoint_dir, default_image_size)
         cfg = self.featurizer.pretrained_cfg  # the checkpoint's mean/std on top of timm's defaults for the arch

@@ -49,6 +49,27 @@ def load_featurizer(checkpoint_dir: str | os.PathLike, image_size: int | None = 
     return featurizer, init, aligned.config
 
 
+def load_stock_featurizer(timm_name: str, image_size: int, pretrained: bool = True, **timm_kwargs) -> nn.Module:
+    """An un-aligned timm ViT as a featurizer with Prismatic's stock features (for `stock.StockViTBackbone`).
+
+    Prismatic's `TimmViTBackbone` takes the second-to-last block's output, without the final norm,
+    patch tokens only (``get_intermediate_layers(n={depth - 2})``). This is the same through timm's
+    ``forward_intermediates`` (timm >= 1.0), which every timm ViT family has, Eva included. The
+    forward is re-bound on the instance, as Prismatic does, for FSDP.
+    """
+    model = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, img_size=image_size, **timm_kwargs)
+    if not hasattr(model, "forward_intermediates") or not hasattr(model, "blocks"):
+        raise ValueError(f"timm model '{timm_name}' has no forward_intermediates/blocks (timm {timm.__version__}; needs timm>=1.0)")
+    index = len(model.blocks) - 2
+
+    def second_to_last_block(pixel_values):
+        return model.forward_intermediates(pixel_values, indices=[index], norm=False, stop_early=True,
+                                           output_fmt="NLC", intermediates_only=True)[0]
+
+    model.forward = second_to_last_block
+    return model.eval()
+
+
 @dataclass
 class LetterboxPad:
     """Pad a PIL image towards a square with a constant fill (the backbone's mean colour).

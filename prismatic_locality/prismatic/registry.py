@@ -2,7 +2,8 @@
 
 `register()` (run on ``import prismatic_locality.prismatic``; idempotent) does three things:
 
-1. Vision backbones: inserts the aligned ids (and the fork's aliases) into
+1. Vision backbones: inserts the aligned ids (and the fork's aliases), and the stock baselines
+   Prismatic lacks (`weights.STOCK_BACKBONES`: SigLIP 2, PE-Core), into
    ``prismatic.models.materialize.VISION_BACKBONES``. `get_vision_backbone_and_transform` reads that
    dict at call time, so training, ``prismatic.load()`` and vlm-evaluation all see them.
 2. Model configs: registers `configs.MODEL_CONFIGS` as draccus ``--model.type`` choices.
@@ -35,7 +36,8 @@ from prismatic.models.vlms.prismatic import PrismaticVLM
 from .backbone import AlignedViTBackbone
 from .configs import DECODER_ARCH, MLP_ARCH, register_model_configs
 from .projector import DecoderProjector
-from .weights import all_backbone_ids, register_checkpoint
+from .stock import StockViTBackbone
+from .weights import STOCK_BACKBONES, all_backbone_ids, register_checkpoint
 
 # arch_specifier -> activation override for the decoder (None = the checkpoint's own).
 # "no-align+pretrained-decoder" is the paper fork's name; it built the decoder with nn.GELU even
@@ -100,6 +102,8 @@ def _name_default_choices() -> None:
 def register() -> None:
     for backbone_id, size in all_backbone_ids().items():
         register_aligned_backbone(backbone_id, size)
+    for b in STOCK_BACKBONES.values():
+        materialize.VISION_BACKBONES.setdefault(b.id, {"cls": StockViTBackbone, "kwargs": {"default_image_size": b.default_image_size}})
     register_model_configs()
     _name_default_choices()
     _patch_projector_selection()
