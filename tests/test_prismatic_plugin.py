@@ -257,6 +257,28 @@ def test_stock_baseline_trains_in_prismatic(env, monkeypatch, timm_name):
     assert all(p.grad is None for p in vb.parameters())
 
 
+def test_prismatic_stock_backbones_return_tensors_on_any_timm(env, monkeypatch):
+    """Prismatic's own timm backbones (the paper's baselines) in the timm the new families need: its
+    ``get_intermediate_layers`` returns a list on timm >= 1.0.3 (TRI-ML/prismatic-vlms#34), which
+    Prismatic's ``unpack_tuple`` leaves packed; with the plugin imported they return the tensor."""
+    from prismatic.models.backbones.vision.clip_vit import CLIPViTBackbone
+    from prismatic.models.backbones.vision.dinosiglip_vit import DinoSigLIPViTBackbone
+
+    tiny_timm(monkeypatch)
+    x = torch.randn(2, 3, 32, 32)
+    clip = CLIPViTBackbone("clip-vit-l-336px", "resize-naive", default_image_size=32)
+    out = clip(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 16, 48)
+    blocks = clip.featurizer.blocks[:-1]
+    ref = clip.featurizer.norm_pre(clip.featurizer._pos_embed(clip.featurizer.patch_embed(x)))
+    for blk in blocks:
+        ref = blk(ref)
+    torch.testing.assert_close(out, ref[:, clip.featurizer.num_prefix_tokens:], rtol=0, atol=0)
+    fused = DinoSigLIPViTBackbone("dinosiglip-vit-so-384px", "resize-naive", default_image_size=32)
+    out = fused({"dino": x, "siglip": x})
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 16, 96)
+
+
 def test_new_family_ids_need_a_newer_timm(env, monkeypatch):
     """On Prismatic's timm 0.9.10 (simulated on a newer one), one line says which timm to install."""
     import timm
