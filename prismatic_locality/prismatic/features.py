@@ -4,7 +4,8 @@ Features are what MaskEmbed trained the encoder to produce and what the paper's 
 block's output after the (re-trained) final norm, prefix tokens kept, with the soft-capped
 attention the encoder was trained with. That is 577 x 1024 for CLIP-L/14@336 (CLS + 24²) and
 729 x 1152 for SigLIP-SO400M/14@384 (27², no CLS). Stock Prismatic backbones instead take the
-second-to-last block without norm and drop the prefix tokens.
+second-to-last block without norm and drop the prefix tokens (`load_stock_featurizer`, for the
+baselines Prismatic lacks). The transforms reproduce Prismatic's own, pixel for pixel.
 """
 from __future__ import annotations
 

@@ -118,20 +118,17 @@ def unpack_first(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-setattr(unpack_first, _PATCH_FLAG, True)
-
-
 def _patch_unpack_tuple() -> None:
-    for module in (base_vision, dinoclip_vit, dinosiglip_vit):
-        if hasattr(module, "unpack_tuple") and not getattr(module.unpack_tuple, _PATCH_FLAG, False):
-            module.unpack_tuple = unpack_first
+    for module in (base_vision, dinoclip_vit, dinosiglip_vit):  # each bound the name at import
+        module.unpack_tuple = unpack_first
 
 
 def register() -> None:
     for backbone_id, size in all_backbone_ids().items():
         register_aligned_backbone(backbone_id, size)
     for b in STOCK_BACKBONES.values():
-        materialize.VISION_BACKBONES.setdefault(b.id, {"cls": StockViTBackbone, "kwargs": {"default_image_size": b.default_image_size}})
+        entry = {"cls": StockViTBackbone, "kwargs": {"default_image_size": b.default_image_size}}
+        materialize.VISION_BACKBONES.setdefault(b.id, entry)
     register_model_configs()
     _name_default_choices()
     _patch_projector_selection()
