@@ -384,7 +384,7 @@ needs_upstream_script = pytest.mark.skipif(not UPSTREAM_PRETRAIN.is_file(),
 
 
 @pytest.fixture(scope="module")
-def PretrainConfig():
+def pretrain_config_cls():
     """The PretrainConfig of Prismatic's own scripts/pretrain.py (its module body only; nothing runs)."""
     import runpy
 
@@ -408,29 +408,29 @@ def pretrain_commands(doc: Path) -> list[list[str]]:
 @needs_upstream_script
 @pytest.mark.parametrize("group,field,value", [("model", "vision_backbone_id", "siglip-so400m-384-aligned"),
                                                 ("dataset", "dataset_root_dir", Path("/data/llava"))])
-def test_pretrain_field_without_type_is_the_default_config_with_that_field(PretrainConfig, group, field, value):
+def test_pretrain_field_without_type_is_the_default_config_with_that_field(pretrain_config_cls, group, field, value):
     """``--model.vision_backbone_id X`` alone = Prismatic's default model config with X (draccus from PyPI
     otherwise refuses it: "Expected a dict with a 'type' key")."""
-    cfg = draccus.parse(PretrainConfig, args=[f"--{group}.{field}", str(value)])
-    default = PretrainConfig.__dataclass_fields__[group].default_factory()
+    cfg = draccus.parse(pretrain_config_cls, args=[f"--{group}.{field}", str(value)])
+    default = pretrain_config_cls.__dataclass_fields__[group].default_factory()
     got = getattr(cfg, group)
     assert type(got) is type(default) and getattr(got, field) == value
     assert dataclasses.replace(default, **{field: value}) == got
     # An explicit type still wins.
-    cfg = draccus.parse(PretrainConfig, args=["--model.type", "aligned-mlp-clip-l-336+7b", "--model.llm_max_length", "64"])
+    cfg = draccus.parse(pretrain_config_cls, args=["--model.type", "aligned-mlp-clip-l-336+7b", "--model.llm_max_length", "64"])
     assert (cfg.model.model_id, cfg.model.llm_max_length) == ("aligned-mlp-clip-l-336+7b", 64)
 
 
 @needs_upstream_script
 @pytest.mark.parametrize("doc", ["README.md", "docs/prismatic.md"])
-def test_documented_pretrain_commands_parse(PretrainConfig, doc):
+def test_documented_pretrain_commands_parse(pretrain_config_cls, doc):
     """Every documented training command parses with Prismatic's own PretrainConfig, names one of our
     aligned backbones, and logs to jsonl only (upstream's default also starts wandb under its authors' entity)."""
     commands = pretrain_commands(REPO / doc)
     assert len(commands) >= 2, f"{doc}: expected both forms (--model.type and --model.vision_backbone_id)"
     forms = set()
     for args in commands:
-        cfg = draccus.parse(PretrainConfig, args=args)
+        cfg = draccus.parse(pretrain_config_cls, args=args)
         assert cfg.trackers == ("jsonl",), (doc, args)
         assert cfg.model.vision_backbone_id in W.all_backbone_ids(), (doc, args)
         forms.add("--model.type" in args)
