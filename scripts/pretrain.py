@@ -1,10 +1,11 @@
 """Prismatic's own `scripts/pretrain.py`, unchanged, with the locality-alignment plugin registered first.
 
     torchrun --standalone --nnodes 1 --nproc-per-node 8 scripts/pretrain.py \\
-        --model.type aligned-decoder-siglip-so400m-384+7b --dataset.dataset_root_dir /data/llava ...
+        --model.type aligned-decoder-siglip-so400m-384+7b --dataset.dataset_root_dir /data/llava --trackers '[jsonl]'
 
-Same CLI as upstream (draccus). Every torchrun worker runs this file, so each one imports the plugin
-before upstream parses its config. Upstream's scripts are not installed with the package, so the
+Same CLI as upstream (draccus). ``--model.vision_backbone_id X`` without ``--model.type`` is upstream's
+default model config with X (the plugin names that default for draccus; see docs/prismatic.md).
+Every torchrun worker runs this file, so each one imports the plugin before upstream parses its config. Upstream's scripts are not installed with the package, so the
 script is found at ``$PRISMATIC_PRETRAIN_SCRIPT`` or, for an editable/source install of Prismatic,
 at ``<prismatic checkout>/scripts/pretrain.py``.
 """

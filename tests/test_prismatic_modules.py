@@ -6,11 +6,13 @@ architectures are only built on the meta device (shapes, no memory, no weights).
 import copy
 import os
 
+import numpy as np
 import pytest
 import timm
 import torch
+import torchvision.transforms.functional as TVF
 from PIL import Image
-from torchvision.transforms import Compose
+from torchvision.transforms import Compose, InterpolationMode
 
 from prismatic_locality import vit as V
 from prismatic_locality.checkpoint import CheckpointError, load_aligned, save_aligned
@@ -25,10 +27,18 @@ from conftest import TINY, tiny_vit
 LLM_DIM = 40
 
 
-def make_tiny_checkpoint(path, kind="clip", seed=0, width=24):
-    """A tiny aligned checkpoint with every parameter perturbed (so copies can be told apart)."""
+def make_tiny_checkpoint(path, kind="clip", seed=0, width=24, model_name=None):
+    """A tiny aligned checkpoint with every parameter perturbed (so copies can be told apart).
+
+    `model_name` (a timm name with tag) replaces the kind's architecture, with the same tiny sizes.
+    """
     name, kw = TINY[kind]
-    vit = tiny_vit(kind, seed)
+    if model_name is None:
+        vit = tiny_vit(kind, seed)
+    else:
+        name = model_name
+        torch.manual_seed(seed)
+        vit = V.create_vit(model_name, **kw)
     enc = make_encoder(copy.deepcopy(vit), width)
     dec = MaskEmbedDecoder(default_decoder_config(V.vit_spec(vit), V.vit_spec(enc), width=width))
     g = torch.Generator().manual_seed(seed + 1)
@@ -146,6 +156,34 @@ def test_image_transform_strategies(strategy):
         assert torch.allclose(out[0], torch.full((16, 16), red), atol=1e-4)
 
 
+@pytest.mark.parametrize("size,pad", [((40, 19), (0, 10)), ((19, 40), (10, 0)), ((40, 20), (0, 10))])
+def test_letterbox_pads_like_prismatic(size, pad):
+    """Prismatic pads ``int(diff / 2)`` on *both* sides: an odd difference leaves the image one pixel short
+    of square (40 x 19 -> 40 x 39), and its transform then resizes the short side and centre-crops."""
+    (w, h), (px, py) = size, pad
+    padded = F.LetterboxPad((0, 0, 255))(Image.new("RGB", size, (255, 0, 0)))
+    assert padded.size == (w + 2 * px, h + 2 * py)
+    red = np.all(np.asarray(padded) == (255, 0, 0), axis=-1)
+    assert red[py:py + h, px:px + w].all() and red.sum() == w * h
+
+    mean, std = (0.5, 0.25, 0.75), (0.5, 0.5, 0.25)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    fill = tuple(int(m * 255) for m in mean)
+    padded = TVF.pad(img, [px, py, px, py], fill=fill)
+    ref = TVF.normalize(TVF.to_tensor(TVF.center_crop(TVF.resize(padded, 16, InterpolationMode.BICUBIC), 16)), mean, std)
+    out = F.image_transform(16, mean, std, "letterbox")(img)
+    assert out.shape == (3, 16, 16) and torch.equal(out, ref)
+
+
+def test_crop_pct_follows_prismatic():
+    assert F.prismatic_crop_pct("vit_base_patch16_clip_quickgelu_224.openai") == 0.9    # timm's value for the tag
+    assert F.prismatic_crop_pct("vit_large_patch14_clip_quickgelu_336.openai") == 1.0
+    assert F.prismatic_crop_pct("vit_so400m_patch14_siglip_384.webli") == 1.0           # Prismatic resizes SigLIP to S
+    assert F.prismatic_crop_pct("not_a_timm_model.x", default=0.5) == 0.5
+    t = F.image_transform(224, (0, 0, 0), (1, 1, 1), "resize-crop", crop_pct=0.9)
+    assert t.transforms[0].size == 248 and t(Image.new("RGB", (300, 250))).shape == (3, 224, 224)
+
+
 def test_image_transform_resize_crop_keeps_aspect():
     t = F.image_transform(8, (0, 0, 0), (1, 1, 1), "resize-crop", interpolation="nearest")
     img = Image.new("RGB", (32, 16), (0, 0, 0))
@@ -211,6 +249,19 @@ def test_resolve_from_env_root_and_alias(tmp_path, monkeypatch, no_registrations
     assert W.resolve_checkpoint("clip-vit-l-336px-aligned") == ck  # the fork's id finds the canonical dir
 
 
+@pytest.mark.parametrize("fork_id,ours", [("clip-vit-l-336px-aligned", "clip-l-336-aligned"),
+                                           ("siglip-vit-so400m-384px-aligned", "siglip-so400m-384-aligned"),
+                                           ("clip-vit-b-aligned", "clip-b-224-aligned"),
+                                           ("siglip-vit-b-aligned", "siglip-b-224-aligned")])
+def test_fork_ids_are_aliases(tmp_path, monkeypatch, no_registrations, fork_id, ours):
+    """The paper fork's ids resolve to the same checkpoint folder and image size as ours."""
+    assert W.canonical_id(fork_id) == ours
+    assert W.all_backbone_ids()[fork_id] == W.ALIGNED_BACKBONES[ours].default_image_size
+    ck = make_tiny_checkpoint(tmp_path / ours, "clip")
+    monkeypatch.setenv(W.ENV_ROOT, str(tmp_path))
+    assert W.resolve_checkpoint(fork_id) == ck
+
+
 def test_resolve_rejects_relative_root(monkeypatch, no_registrations):
     monkeypatch.setenv(W.ENV_ROOT, "relative/ckpts")
     with pytest.raises(ValueError, match="not an absolute path"):
@@ -258,3 +309,84 @@ def test_resolve_hub_id_from_offline_cache(tmp_path, monkeypatch, no_registratio
     W.register_checkpoint("clip-b-224-aligned", "hf://acme/not-cached")
     with pytest.raises(FileNotFoundError, match="hf://acme/not-cached"):
         W.resolve_checkpoint("clip-b-224-aligned")
+
+
+# ------------------------------------------------------------------------------------------------
+# SigLIP 2 and PE-Core (timm >= 1.0.15 / 1.0.16; Prismatic pins 0.9.10)
+# ------------------------------------------------------------------------------------------------
+
+SIGLIP2, PE_CORE = "vit_so400m_patch16_siglip_384.v2_webli", "vit_pe_core_large_patch14_336.fb"
+TINY_KW = TINY["clip"][1]  # img 32, patch 8, width 48, depth 3: 16 patches
+
+
+def needs_timm(name, version):
+    return pytest.mark.skipif(not timm.is_model(name.split(".")[0]),
+                              reason=f"timm {timm.__version__} lacks {name} (needs timm>={version})")
+
+
+def test_new_family_ids():
+    a, s = W.ALIGNED_BACKBONES, W.STOCK_BACKBONES
+    assert (a["siglip2-so400m-384-aligned"].teacher, a["siglip2-so400m-384-aligned"].default_image_size) == (SIGLIP2, 384)
+    assert (a["pe-core-l-336-aligned"].teacher, a["pe-core-l-336-aligned"].default_image_size) == (PE_CORE, 336)
+    for b in a.values():
+        if b.min_timm is not None:  # the baseline is ours: same teacher, same size, same timm
+            stock = s[b.stock_id]
+            assert (stock.timm_name, stock.default_image_size, stock.min_timm) == (b.teacher, b.default_image_size, b.min_timm)
+    assert (W.SIGLIP2_TIMM, W.PE_CORE_TIMM) == ("1.0.15", "1.0.16")
+    assert not set(s) & set(W.all_backbone_ids())
+
+
+@needs_timm(PE_CORE, W.PE_CORE_TIMM)
+@pytest.mark.parametrize("name,tokens", [(SIGLIP2, 576), (PE_CORE, 576)])
+def test_new_family_tags_exist_in_timm(name, tokens):
+    assert name in timm.list_pretrained(name.split(".")[0] + "*")
+    cfg = timm.models.get_pretrained_cfg(name)
+    size = cfg.input_size[-1]
+    assert size in (384, 336) and (size // int(name.split("patch")[1][:2])) ** 2 == tokens
+
+
+def test_require_timm_names_the_version(monkeypatch):
+    W.require_timm("clip-l-336-aligned")     # in timm 0.9.10: nothing to require
+    W.require_timm("some-user-id")           # unknown ids are not checked
+    monkeypatch.setattr(timm, "is_model", lambda name: False)
+    for bid, v in [("pe-core-l-336-aligned", "1.0.16"), ("siglip2-vit-so400m-384px", "1.0.15")]:
+        with pytest.raises(ValueError, match=rf"'{bid}' needs timm>={v} .*pip install 'timm>={v}'") as e:
+            W.require_timm(bid)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name,version", [(SIGLIP2, W.SIGLIP2_TIMM), (PE_CORE, W.PE_CORE_TIMM)])
+def test_stock_featurizer_is_prismatics_feature(name, version):
+    """Second-to-last block, no final norm, patch tokens only: a copy cut after that block, norm removed."""
+    if not timm.is_model(name.split(".")[0]):
+        pytest.skip(f"timm {timm.__version__} lacks {name} (needs timm>={version})")
+    kw = {k: v for k, v in TINY_KW.items() if k != "img_size"}
+    torch.manual_seed(0)
+    feat = F.load_stock_featurizer(name, 32, pretrained=False, **kw)
+    cut = copy.deepcopy(feat)
+    cut.blocks, cut.norm = cut.blocks[:-1], torch.nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    out = feat(x)
+    assert out.shape == (2, 16, 48) and not feat.training
+    torch.testing.assert_close(out, cut.forward_features(x)[:, feat.num_prefix_tokens:], rtol=0, atol=0)
+    if hasattr(feat, "get_intermediate_layers"):  # Prismatic's own call (a list on timm >= 1.0.3)
+        torch.testing.assert_close(out, feat.get_intermediate_layers(x, n={len(feat.blocks) - 2})[0], rtol=0, atol=0)
+
+
+@needs_timm(SIGLIP2, W.SIGLIP2_TIMM)
+def test_aligned_siglip2_featurizer(tmp_path):
+    ck = make_tiny_checkpoint(tmp_path / "ck", "clip", model_name=SIGLIP2)
+    featurizer, init, cfg = F.load_featurizer(ck, image_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    assert cfg["encoder"]["pretrained_tag"] == SIGLIP2 and cfg["encoder"]["num_tokens"] == 16  # no CLS
+    torch.testing.assert_close(featurizer(x), load_aligned(ck).encoder.forward_features(x))
+    assert F.prismatic_crop_pct(SIGLIP2) == 1.0
+
+
+@needs_timm(PE_CORE, W.PE_CORE_TIMM)
+def test_aligned_pe_core_featurizer(tmp_path):
+    ck = make_tiny_checkpoint(tmp_path / "ck", "clip", model_name=PE_CORE)
+    featurizer, init, cfg = F.load_featurizer(ck, image_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    assert cfg["encoder"]["num_tokens"] == 17  # CLS + 16 patches
+    torch.testing.assert_close(featurizer(x), load_aligned(ck).encoder.forward_features(x))

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +34,7 @@ from prismatic_locality.prismatic.backbone import AlignedViTBackbone  # noqa: E4
 from prismatic_locality.prismatic.projector import DecoderProjector  # noqa: E402
 from prismatic_locality.prismatic.registry import register  # noqa: E402
 
+from conftest import TINY  # noqa: E402
 from test_prismatic_modules import make_tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.prismatic
@@ -106,8 +108,15 @@ def test_registration_is_idempotent_and_complete():
         entry = materialize.VISION_BACKBONES[bid]
         assert entry["cls"] is AlignedViTBackbone and entry["kwargs"] == {"default_image_size": size}
     assert {"clip-l-336-aligned", "siglip-so400m-384-aligned", "clip-b-224-aligned", "siglip-b-224-aligned",
-            "clip-vit-l-336px-aligned", "siglip-vit-so400m-384px-aligned"} <= set(materialize.VISION_BACKBONES)
+            "clip-vit-l-336px-aligned", "siglip-vit-so400m-384px-aligned", "clip-vit-b-aligned",
+            "siglip-vit-b-aligned"} <= set(materialize.VISION_BACKBONES)
     assert materialize.VISION_BACKBONES["clip-vit-l-336px-aligned"]["kwargs"]["default_image_size"] == 336
+    assert materialize.VISION_BACKBONES["siglip-vit-b-aligned"]["kwargs"]["default_image_size"] == 224
+    for b in W.STOCK_BACKBONES.values():  # the SigLIP 2 / PE-Core baselines Prismatic lacks
+        assert materialize.VISION_BACKBONES[b.id] == {"cls": plugin.StockViTBackbone,
+                                                      "kwargs": {"default_image_size": b.default_image_size}}
+    assert {"siglip2-so400m-384-aligned", "pe-core-l-336-aligned", "siglip2-vit-so400m-384px",
+            "pe-core-vit-l-336px"} <= set(materialize.VISION_BACKBONES)
     assert set(plugin.MODEL_CONFIGS) <= set(ModelConfig.get_known_choices())
     # Stock projectors are untouched: the patch only claims its own arch specifiers.
     assert not any(a.endswith(("gelu-mlp", "linear")) for a in plugin.registry.DECODER_ARCHS)
@@ -129,7 +138,10 @@ def test_model_configs_share_one_recipe():
         return json.dumps({k: v for k, v in d.items() if k not in ("model_id", "vision_backbone_id", "arch_specifier")})
 
     configs = plugin.MODEL_CONFIGS
-    assert len(configs) == 14 and {recipe(c) for c in configs.values()} == {recipe(configs["baseline-clip-l-336+7b"])}
+    assert len(configs) == 20 and {recipe(c) for c in configs.values()} == {recipe(configs["baseline-clip-l-336+7b"])}
+    assert configs["baseline-siglip2-so400m-384+7b"]().vision_backbone_id == "siglip2-vit-so400m-384px"
+    assert configs["aligned-decoder-pe-core-l-336+7b"]().vision_backbone_id == "pe-core-l-336-aligned"
+    assert configs["baseline-pe-core-l-336+7b"]().arch_specifier == "no-align+gelu-mlp"
     assert configs["baseline-dinosiglip-so400m-384+7b"]().vision_backbone_id == "dinosiglip-vit-so-384px"
     assert configs["baseline-dinoclip-l-336+7b"]().arch_specifier == "no-align+fused-gelu-mlp"
     assert configs["aligned-mlp-clip-l-336+7b"]().arch_specifier == "no-align+gelu-mlp"
@@ -154,6 +166,143 @@ def test_vision_backbone_and_transform(env):
     assert vb.projector_init.in_proj["weight"].dtype == torch.float32
     # The state dict holds the featurizer only (no decoder, no encoder head).
     assert all(k.startswith("featurizer.") and ".head." not in k for k in vb.state_dict())
+
+
+@pytest.mark.parametrize("strategy", ["resize-naive", "resize-crop", "letterbox"])
+@pytest.mark.parametrize("kind,name", [("clip", "vit_base_patch16_clip_quickgelu_224.openai"),     # crop_pct 0.9
+                                       ("clip", "vit_large_patch14_clip_quickgelu_336.openai"),    # crop_pct 1.0
+                                       ("siglip", "vit_base_patch16_siglip_224.webli")])            # resized to S
+def test_image_transform_matches_prismatic(env, monkeypatch, kind, name, strategy):
+    """The same pixels as Prismatic's own TimmViTBackbone transform for the same timm model, odd
+    letterbox differences included."""
+    import timm
+    from prismatic.models.backbones.vision.base_vision import TimmViTBackbone
+
+    kw = TINY[kind][1]
+    size = kw["img_size"]
+    ck = make_tiny_checkpoint(env / "ck", kind, model_name=name)
+    plugin.register_aligned_backbone("tiny-aligned", size, checkpoint=ck)
+    _, ours = materialize.get_vision_backbone_and_transform("tiny-aligned", strategy)
+    create, arch = timm.create_model, {k: v for k, v in kw.items() if k != "img_size"}
+    monkeypatch.setattr(timm, "create_model", lambda n, pretrained=False, **k: create(n, pretrained=False, **k, **arch))
+    theirs = TimmViTBackbone("stock", name, strategy, default_image_size=size).image_transform
+    rng = np.random.default_rng(0)
+    for w, h in [(50, 21), (21, 50), (40, 20), (33, 33), (7, 90)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        assert torch.equal(ours(img), theirs(img)), (w, h)
+
+
+SIGLIP2, PE_CORE = "vit_so400m_patch16_siglip_384.v2_webli", "vit_pe_core_large_patch14_336.fb"
+
+
+def tiny_timm(monkeypatch, kind="clip"):
+    """timm.create_model builds the tiny architecture of TINY[kind] with random weights (no download)."""
+    import timm
+
+    create, arch = timm.create_model, {k: v for k, v in TINY[kind][1].items() if k != "img_size"}
+    monkeypatch.setattr(timm, "create_model", lambda n, pretrained=False, **k: create(n, pretrained=False, **k, **arch))
+
+
+def tiny_stock_id(monkeypatch, timm_name):
+    """A 32 px stock id for `timm_name`, registered like the real ones (needs the timm that has it)."""
+    import timm
+
+    b = next(b for b in W.STOCK_BACKBONES.values() if b.timm_name == timm_name)
+    if not timm.is_model(timm_name.split(".")[0]):
+        pytest.skip(f"timm {timm.__version__} lacks {timm_name} (needs timm>={b.min_timm})")
+    tiny = W.StockBackboneId(f"tiny-{b.id}", 32, timm_name, b.min_timm)
+    monkeypatch.setitem(W.STOCK_BACKBONES, tiny.id, tiny)
+    monkeypatch.setitem(materialize.VISION_BACKBONES, tiny.id, {"cls": plugin.StockViTBackbone, "kwargs": {"default_image_size": 32}})
+    tiny_timm(monkeypatch)
+    return tiny.id
+
+
+def test_stock_siglip2_matches_prismatics_own_backbone(env, monkeypatch):
+    """SigLIP 2 is a plain VisionTransformer, so Prismatic's TimmViTBackbone can be built for it: same
+    transform pixels, same features (it returns them in a list on timm >= 1.0.3, its issue #34)."""
+    from prismatic.models.backbones.vision.base_vision import TimmViTBackbone
+
+    bid = tiny_stock_id(monkeypatch, SIGLIP2)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(50, 21), (21, 50), (40, 40)]]
+    for strategy in ("resize-naive", "resize-crop", "letterbox"):
+        ours, transform = materialize.get_vision_backbone_and_transform(bid, strategy)
+        theirs = TimmViTBackbone("stock", SIGLIP2, strategy, default_image_size=32)
+        for img in imgs:
+            assert torch.equal(transform(img), theirs.image_transform(img)), strategy
+    theirs.featurizer.load_state_dict(ours.featurizer.state_dict())
+    x = torch.stack([transform(img) for img in imgs])
+    ref = theirs(x)
+    ref = ref[0] if isinstance(ref, list) else ref
+    assert ours(x).shape == (3, 16, 48) and torch.equal(ours(x), ref)
+    assert (ours.embed_dim, ours.num_patches, ours.default_image_resolution) == (48, 16, (3, 32, 32))
+
+
+@pytest.mark.parametrize("timm_name", [SIGLIP2, PE_CORE])
+def test_stock_baseline_trains_in_prismatic(env, monkeypatch, timm_name):
+    """A baseline-<family>+7b model: the stock backbone, Prismatic's MLP projector, a training step."""
+    bid = tiny_stock_id(monkeypatch, timm_name)
+    vb, transform = materialize.get_vision_backbone_and_transform(bid, "letterbox")
+    llm, tok = materialize.get_llm_backbone_and_tokenizer(TINY_LLM, llm_max_length=64)
+    vlm = materialize.get_vlm("baseline-tiny+test", "no-align+gelu-mlp", vb, llm)
+    vlm.freeze_backbones("finetune")
+    policy = vlm.get_fsdp_wrapping_policy()
+    wraps = lambda m: policy(module=m, recurse=False, nonwrapped_numel=10**9)  # noqa: E731
+    assert wraps(vb.featurizer) and wraps(vb.featurizer.blocks[0])
+    b = batch(transform, tok)
+    out = vlm(**b)
+    assert out.logits.shape[1] == b["input_ids"].shape[1] + 16  # patch tokens only, as Prismatic's baselines
+    out.loss.backward()
+    assert vlm.projector.projector[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in vb.parameters())
+
+
+def test_prismatic_stock_backbones_return_tensors_on_any_timm(env, monkeypatch):
+    """Prismatic's own timm backbones (the paper's baselines) in the timm the new families need: its
+    ``get_intermediate_layers`` returns a list on timm >= 1.0.3 (TRI-ML/prismatic-vlms#34), which
+    Prismatic's ``unpack_tuple`` leaves packed; with the plugin imported they return the tensor."""
+    from prismatic.models.backbones.vision.clip_vit import CLIPViTBackbone
+    from prismatic.models.backbones.vision.dinosiglip_vit import DinoSigLIPViTBackbone
+
+    tiny_timm(monkeypatch)
+    x = torch.randn(2, 3, 32, 32)
+    clip = CLIPViTBackbone("clip-vit-l-336px", "resize-naive", default_image_size=32)
+    out = clip(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 16, 48)
+    blocks = clip.featurizer.blocks[:-1]
+    ref = clip.featurizer.norm_pre(clip.featurizer._pos_embed(clip.featurizer.patch_embed(x)))
+    for blk in blocks:
+        ref = blk(ref)
+    torch.testing.assert_close(out, ref[:, clip.featurizer.num_prefix_tokens:], rtol=0, atol=0)
+    fused = DinoSigLIPViTBackbone("dinosiglip-vit-so-384px", "resize-naive", default_image_size=32)
+    out = fused({"dino": x, "siglip": x})
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 16, 96)
+
+
+def test_new_family_ids_need_a_newer_timm(env, monkeypatch):
+    """On Prismatic's timm 0.9.10 (simulated on a newer one), one line says which timm to install."""
+    import timm
+
+    monkeypatch.setattr(timm, "is_model", lambda name: False)
+    for bid, v in [("siglip2-vit-so400m-384px", "1.0.15"), ("pe-core-l-336-aligned", "1.0.16")]:
+        with pytest.raises(ValueError, match=rf"'{bid}' needs timm>={v}.*pip install 'timm>={v}'"):
+            materialize.get_vision_backbone_and_transform(bid, "resize-naive")
+
+
+@pytest.mark.parametrize("timm_name", [SIGLIP2])
+def test_aligned_new_family_in_prismatic(env, timm_name):
+    """An aligned SigLIP 2 checkpoint under its id: backbone, DecoderProjector, a forward pass.
+    (PE-Core needs the timm adapter's Eva support for its aligned encoder.)"""
+    import timm
+
+    if not timm.is_model(timm_name.split(".")[0]):
+        pytest.skip(f"timm {timm.__version__} lacks {timm_name} (needs timm>={W.SIGLIP2_TIMM})")
+    plugin.register_aligned_backbone("tiny-siglip2-aligned", 32,
+                                     checkpoint=make_tiny_checkpoint(env / "s2", "clip", model_name=timm_name))
+    vlm, transform, tok = build_vlm(backbone_id="tiny-siglip2-aligned")
+    assert isinstance(vlm.projector, DecoderProjector) and vlm.vision_backbone.num_tokens == 16
+    b = batch(transform, tok)
+    assert vlm(**b).logits.shape[1] == b["input_ids"].shape[1] + 16
 
 
 def test_real_ids_resolve_from_env_root_and_check_size(env, monkeypatch):
@@ -229,25 +378,94 @@ def test_decoder_arch_needs_an_aligned_backbone(env):
         materialize.get_vlm("m", "no-align+decoder", Stock(), llm)
 
 
+UPSTREAM_PRETRAIN = Path(prismatic_pkg.__file__).resolve().parents[1] / "scripts" / "pretrain.py"
+needs_upstream_script = pytest.mark.skipif(not UPSTREAM_PRETRAIN.is_file(),
+                                           reason=f"Prismatic's scripts/pretrain.py not found at {UPSTREAM_PRETRAIN} (not a source install)")
+
+
+@pytest.fixture(scope="module")
+def pretrain_config_cls():
+    """The PretrainConfig of Prismatic's own scripts/pretrain.py (its module body only; nothing runs)."""
+    import runpy
+
+    return runpy.run_path(str(UPSTREAM_PRETRAIN), run_name="prismatic_pretrain")["PretrainConfig"]
+
+
+def pretrain_commands(doc: Path) -> list[list[str]]:
+    """The argument lists of every ``scripts/pretrain.py`` command in a doc's bash blocks."""
+    import re
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
+        for cmd in block.replace("\\\n", " ").splitlines():
+            if "scripts/pretrain.py" in cmd and not cmd.lstrip().startswith("#"):
+                words = shlex.split(cmd, comments=True)
+                commands.append(words[words.index("scripts/pretrain.py") + 1:])
+    return commands
+
+
+@needs_upstream_script
+@pytest.mark.parametrize("group,field,value", [("model", "vision_backbone_id", "siglip-so400m-384-aligned"),
+                                                ("dataset", "dataset_root_dir", Path("/data/llava"))])
+def test_pretrain_field_without_type_is_the_default_config_with_that_field(pretrain_config_cls, group, field, value):
+    """``--model.vision_backbone_id X`` alone = Prismatic's default model config with X (draccus from PyPI
+    otherwise refuses it: "Expected a dict with a 'type' key")."""
+    cfg = draccus.parse(pretrain_config_cls, args=[f"--{group}.{field}", str(value)])
+    default = pretrain_config_cls.__dataclass_fields__[group].default_factory()
+    got = getattr(cfg, group)
+    assert type(got) is type(default) and getattr(got, field) == value
+    assert dataclasses.replace(default, **{field: value}) == got
+    # An explicit type still wins.
+    cfg = draccus.parse(pretrain_config_cls, args=["--model.type", "aligned-mlp-clip-l-336+7b", "--model.llm_max_length", "64"])
+    assert (cfg.model.model_id, cfg.model.llm_max_length) == ("aligned-mlp-clip-l-336+7b", 64)
+
+
+@needs_upstream_script
+@pytest.mark.parametrize("doc", ["README.md", "docs/prismatic.md"])
+def test_documented_pretrain_commands_parse(pretrain_config_cls, doc):
+    """Every documented training command parses with Prismatic's own PretrainConfig, names one of our
+    aligned backbones, and logs to jsonl only (upstream's default also starts wandb under its authors' entity)."""
+    commands = pretrain_commands(REPO / doc)
+    assert len(commands) >= 2, f"{doc}: expected both forms (--model.type and --model.vision_backbone_id)"
+    forms = set()
+    for args in commands:
+        cfg = draccus.parse(pretrain_config_cls, args=args)
+        assert cfg.trackers == ("jsonl",), (doc, args)
+        assert cfg.model.vision_backbone_id in W.all_backbone_ids(), (doc, args)
+        forms.add("--model.type" in args)
+    assert forms == {True, False}, f"{doc}: document both forms"
+
+
 @pytest.mark.slow
 def test_pretrain_wrapper_imports_plugin_then_runs_upstream_script(tmp_path):
-    """scripts/pretrain.py in a fresh process: plugin registered before the upstream script runs as __main__."""
+    """scripts/pretrain.py in a fresh process: plugin registered before the upstream script runs as __main__,
+    and the issue's command (a backbone without --model.type) parses there."""
     fake = tmp_path / "pretrain.py"
     report = tmp_path / "report.json"
     fake.write_text(
         "import json, sys\n"
+        "from dataclasses import dataclass, field\n"
+        "import draccus\n"
         "import prismatic.models.materialize as m\n"
-        "from prismatic.conf import ModelConfig\n"
+        "from prismatic.conf import ModelConfig, ModelRegistry\n"
+        "@dataclass\n"
+        "class PretrainConfig:  # upstream's model field and its default\n"
+        "    model: ModelConfig = field(default_factory=ModelConfig.get_choice_class(ModelRegistry.PRISM_DINOSIGLIP_7B.model_id))\n"
+        "    stage: str = 'align'\n"
+        "cfg = draccus.parse(PretrainConfig)\n"
         f"json.dump({{'name': __name__, 'argv': sys.argv, 'backbone': 'clip-l-336-aligned' in m.VISION_BACKBONES,"
-        f" 'config': 'aligned-decoder-clip-l-336+7b' in ModelConfig.get_known_choices()}}, open({str(report)!r}, 'w'))\n"
+        f" 'config': 'aligned-decoder-clip-l-336+7b' in ModelConfig.get_known_choices(),"
+        f" 'model': [cfg.model.model_id, cfg.model.vision_backbone_id, cfg.stage]}}, open({str(report)!r}, 'w'))\n"
     )
     env = dict(os.environ, PRISMATIC_PRETRAIN_SCRIPT=str(fake), HF_HUB_OFFLINE="1")
-    args = ["--model.type", "aligned-decoder-clip-l-336+7b", "--stage", "finetune"]
+    args = ["--model.vision_backbone_id", "siglip-so400m-384-aligned", "--stage", "finetune"]
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "pretrain.py"), *args], env=env, capture_output=True,
                        text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(report.read_text())
-    assert got == {"name": "__main__", "argv": [str(fake), *args], "backbone": True, "config": True}
+    assert got == {"name": "__main__", "argv": [str(fake), *args], "backbone": True, "config": True,
+                   "model": ["prism-dinosiglip+7b", "siglip-so400m-384-aligned", "finetune"]}
 
 
 def test_pretrain_wrapper_names_the_missing_script(tmp_path, monkeypatch):

@@ -275,11 +275,13 @@ class ScoreConfig:
 
 
 def expected_models() -> set[str]:
-    """The plugin's naming (prismatic_locality/prismatic/configs.py) for the paper's two backbones."""
+    """The plugin's naming (prismatic_locality/prismatic/configs.py) for the paper's two backbones and
+    the SigLIP 2 / PE-Core ones."""
     from prismatic_locality.prismatic.weights import ALIGNED_BACKBONES
     fams = [b.id.removesuffix("-aligned") for b in ALIGNED_BACKBONES.values()
-            if b.id in ("clip-l-336-aligned", "siglip-so400m-384-aligned")]
-    assert len(fams) == 2
+            if b.id in ("clip-l-336-aligned", "siglip-so400m-384-aligned", "siglip2-so400m-384-aligned",
+                        "pe-core-l-336-aligned")]
+    assert len(fams) == 4
     out = {f"{kind}-{fam}+7b" for fam in fams for kind in ("aligned-decoder", "aligned-mlp", "baseline")}
     return out | {"baseline-dinoclip-l-336+7b", "baseline-dinosiglip-so400m-384+7b"}
 

@@ -16,6 +16,7 @@ from .weights import (
     ALIASES,
     ALIGNED_BACKBONES,
     ENV_ROOT,
+    STOCK_BACKBONES,
     canonical_id,
     register_checkpoint,
     resolve_checkpoint,
@@ -24,7 +25,7 @@ from .weights import (
 
 __all__ = [
     "PRISMATIC_AVAILABLE", "LetterboxPad", "image_transform", "load_featurizer", "DecoderProjector", "ProjectorInit",
-    "projector_init", "ALIASES", "ALIGNED_BACKBONES", "ENV_ROOT", "canonical_id", "register_checkpoint",
+    "projector_init", "ALIASES", "ALIGNED_BACKBONES", "ENV_ROOT", "STOCK_BACKBONES", "canonical_id", "register_checkpoint",
     "resolve_checkpoint", "unregister_checkpoint",
 ]
 
@@ -45,6 +46,8 @@ else:
     from .backbone import AlignedViTBackbone
     from .configs import DECODER_ARCH, MODEL_CONFIGS
     from .registry import register, register_aligned_backbone
+    from .stock import StockViTBackbone
 
-    __all__ += ["AlignedViTBackbone", "DECODER_ARCH", "MODEL_CONFIGS", "register", "register_aligned_backbone"]
+    __all__ += ["AlignedViTBackbone", "DECODER_ARCH", "MODEL_CONFIGS", "StockViTBackbone", "register",
+                "register_aligned_backbone"]
     register()

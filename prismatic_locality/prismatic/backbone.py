@@ -10,9 +10,9 @@ from timm.models.vision_transformer import Block
 from torch.distributed.fsdp.wrap import _module_wrap_policy, _or_policy, transformer_auto_wrap_policy
 
 from .. import vit as V
-from .features import image_transform, load_featurizer
+from .features import image_transform, load_featurizer, prismatic_crop_pct
 from .projector import DecoderProjector
-from .weights import resolve_checkpoint
+from .weights import require_timm, resolve_checkpoint
 
 
 class AlignedViTBackbone(VisionBackbone):
@@ -25,12 +25,14 @@ class AlignedViTBackbone(VisionBackbone):
     def __init__(self, vision_backbone_id: str, image_resize_strategy: str, default_image_size: int = 224) -> None:
         super().__init__(vision_backbone_id, image_resize_strategy, default_image_size=default_image_size)
         self.dtype = torch.bfloat16  # Prismatic casts the frozen backbone to this; "full-finetune" resets it to fp32
+        require_timm(vision_backbone_id)  # SigLIP 2 / PE-Core need a newer timm than Prismatic's pin
         self.checkpoint_dir = resolve_checkpoint(vision_backbone_id)
         self.featurizer, self.projector_init, self.aligned_config = load_featurizer(self.checkpoint_dir, default_image_size)
         self.spec = V.vit_spec(self.featurizer)  # any family the adapter supports (VisionTransformer, Eva, NaFlexVit)
         cfg = self.featurizer.pretrained_cfg  # the checkpoint's mean/std on top of timm's defaults for the arch
+        crop_pct = prismatic_crop_pct(self.aligned_config["encoder"]["pretrained_tag"], cfg.get("crop_pct") or 1.0)
         self.image_transform = image_transform(default_image_size, cfg["mean"], cfg["std"], image_resize_strategy,
-                                               interpolation=cfg.get("interpolation") or "bicubic")
+                                               interpolation=cfg.get("interpolation") or "bicubic", crop_pct=crop_pct)
 
     def get_fsdp_wrapping_policy(self) -> Callable:
         """Wrap each ViT block (the featurizer's own block class: timm Block, EvaBlock, ...), the whole

@@ -1,4 +1,8 @@
-"""Aligned vision-backbone ids and where their weights live (no Prismatic import).
+"""Vision-backbone ids the plugin adds, and where aligned weights live (no Prismatic import).
+
+Aligned ids (`ALIGNED_BACKBONES`) load an aligned checkpoint; stock ids (`STOCK_BACKBONES`) are the
+un-aligned baselines for teachers Prismatic itself does not know (SigLIP 2, PE-Core), built from timm
+with Prismatic's feature definition. Both record the timm version their teacher needs.
 
 Prismatic saves only the projector and the LLM in a run; `prismatic.load()` rebuilds the vision
 backbone from its id alone. So an id must map to an aligned checkpoint directory (`config.json` +
@@ -26,6 +30,11 @@ ENV_ROOT = "PRISMATIC_LOCALITY_CKPT_ROOT"
 HUB_PREFIX = "hf://"
 
 
+# Prismatic pins timm 0.9.10. The teachers below that it lacks need (first release with the tag):
+SIGLIP2_TIMM = "1.0.15"   # the .v2_webli tags
+PE_CORE_TIMM = "1.0.16"   # the .fb tags (timm's Eva class)
+
+
 @dataclass(frozen=True)
 class AlignedBackboneId:
     """An aligned backbone Prismatic can build: its id, input size and what it was aligned from."""
@@ -33,7 +42,8 @@ class AlignedBackboneId:
     id: str
     default_image_size: int
     teacher: str        # the timm model it was aligned from (documentation; weights come from the checkpoint)
-    stock_id: str       # Prismatic's id for the unaligned backbone, the matching baseline
+    stock_id: str       # the id of the unaligned backbone, the matching baseline (Prismatic's, or STOCK_BACKBONES)
+    min_timm: Optional[str] = None  # the first timm with `teacher`; None: timm 0.9.10 (Prismatic's pin) has it
 
 
 ALIGNED_BACKBONES: dict[str, AlignedBackboneId] = {
@@ -43,13 +53,41 @@ ALIGNED_BACKBONES: dict[str, AlignedBackboneId] = {
         AlignedBackboneId("siglip-so400m-384-aligned", 384, "vit_so400m_patch14_siglip_384.webli", "siglip-vit-so400m-384px"),
         AlignedBackboneId("clip-b-224-aligned", 224, "vit_base_patch16_clip_quickgelu_224.openai", "clip-vit-b"),
         AlignedBackboneId("siglip-b-224-aligned", 224, "vit_base_patch16_siglip_224.webli", "siglip-vit-b16-224px"),
+        # SigLIP 2 at /16@384: 24 x 24 = 576 tokens, as many as CLIP-L/14@336 and 21% fewer LLM
+        # input tokens than the /14@378 tag's 729, at the same 384 px input as SigLIP SO400M/14@384.
+        AlignedBackboneId("siglip2-so400m-384-aligned", 384, "vit_so400m_patch16_siglip_384.v2_webli",
+                          "siglip2-vit-so400m-384px", SIGLIP2_TIMM),
+        AlignedBackboneId("pe-core-l-336-aligned", 336, "vit_pe_core_large_patch14_336.fb", "pe-core-vit-l-336px",
+                          PE_CORE_TIMM),
     ]
 }
+
+
+@dataclass(frozen=True)
+class StockBackboneId:
+    """An un-aligned timm backbone Prismatic lacks, used exactly as Prismatic uses its own (see `stock.py`)."""
+
+    id: str
+    default_image_size: int
+    timm_name: str      # with its pretrained tag: the weights timm downloads
+    min_timm: str
+
+
+STOCK_BACKBONES: dict[str, StockBackboneId] = {
+    b.id: b
+    for b in [
+        StockBackboneId("siglip2-vit-so400m-384px", 384, "vit_so400m_patch16_siglip_384.v2_webli", SIGLIP2_TIMM),
+        StockBackboneId("pe-core-vit-l-336px", 336, "vit_pe_core_large_patch14_336.fb", PE_CORE_TIMM),
+    ]
+}
+
 
 # The ids the paper's Prismatic fork used, so runs trained there reload here.
 ALIASES: dict[str, str] = {
     "clip-vit-l-336px-aligned": "clip-l-336-aligned",
     "siglip-vit-so400m-384px-aligned": "siglip-so400m-384-aligned",
+    "clip-vit-b-aligned": "clip-b-224-aligned",        # the fork's svit_base_patch16_clip_quickgelu_224
+    "siglip-vit-b-aligned": "siglip-b-224-aligned",    # the fork's svit_base_patch16_siglip_224
 }
 
 _registered: dict[str, str] = {}  # id -> absolute directory or hf:// location
@@ -64,6 +102,20 @@ def all_backbone_ids() -> dict[str, int]:
     ids = {b.id: b.default_image_size for b in ALIGNED_BACKBONES.values()}
     ids.update({alias: ALIGNED_BACKBONES[c].default_image_size for alias, c in ALIASES.items()})
     return ids
+
+
+def require_timm(backbone_id: str) -> None:
+    """Fail with one line naming the timm a registered id needs, when the installed timm lacks its model."""
+    import timm
+
+    b = ALIGNED_BACKBONES.get(canonical_id(backbone_id)) or STOCK_BACKBONES.get(backbone_id)
+    name = getattr(b, "teacher", None) or getattr(b, "timm_name", None)
+    if b is None or b.min_timm is None or timm.is_model(name.split(".")[0]):
+        return
+    raise ValueError(
+        f"vision backbone '{backbone_id}' needs timm>={b.min_timm} for '{name}', but timm {timm.__version__} is "
+        f"installed (Prismatic pins 0.9.10): pip install 'timm>={b.min_timm}' (see docs/prismatic.md)"
+    )
 
 
 def register_checkpoint(backbone_id: str, location: str | os.PathLike) -> None:
