@@ -1,6 +1,6 @@
 """`locality convert`: the paper's released MaskEmbed checkpoints -> our aligned checkpoint directory.
 
-The reference trainer saves timm-style ``.pth.tar`` dicts (spec A.11): ``state_dict`` with
+The reference trainer saves timm-style ``.pth.tar`` dicts (docs/faithfulness.md): ``state_dict`` with
 ``encoder.*`` (the whole student ViT: re-trained final norm, zero-init ``head`` to the decoder
 width) and ``decoder.*``; optional ``state_dict_ema``; ``arch`` (the student's timm name); the
 optimizer state; and ``args``, a pickled ``argparse.Namespace``.
@@ -40,7 +40,7 @@ from .maskembed import make_encoder
 
 # The only non-tensor classes an official checkpoint may contain.
 SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath]
-REFERENCE_SOFTCAP = 30.0  # `max_attn_val` of the reference's StableAttention (spec A.7)
+REFERENCE_SOFTCAP = 30.0  # `max_attn_val` of the reference's StableAttention (paper App. C)
 
 
 def _first_line(e: BaseException) -> str:
@@ -126,7 +126,7 @@ def _grid_image_size(vit, pos_embed: torch.Tensor) -> int:
 
 
 def decoder_config(dec_state: dict, spec: V.ViTSpec, source: str) -> DecoderConfig:
-    """The reference decoder's shape, read off its tensors; heads and activation come from the encoder (spec A.5)."""
+    """The reference decoder's shape, read off its tensors; heads and activation come from the encoder, as the reference builds it."""
     try:
         _, num_tokens, width = dec_state["pos_embed"].shape
         out_dim = dec_state["head.weight"].shape[0]

@@ -1,4 +1,4 @@
-"""The MaskEmbed decoder g_psi (paper §3.2, App. C; spec A.5).
+"""The MaskEmbed decoder g_psi (paper §3.2, App. C; docs/faithfulness.md).
 
 A shallow, weakly initialised transformer: masked embeddings (prefix tokens always zeroed) plus a
 learned position embedding, two pre-norm timm ``Block``s with LayerScale 1e-6, a final norm and a
@@ -30,7 +30,7 @@ class DecoderConfig:
     out_dim: int             # teacher width: what is reconstructed
     num_heads: int           # = the encoder's heads
     depth: int = 2
-    mlp_ratio: float = 4.0   # the timm Block default, not the backbone's own ratio (spec A.5)
+    mlp_ratio: float = 4.0   # the timm Block default, not the backbone's own ratio, as the reference
     qkv_bias: bool = True
     qk_norm: bool = False
     init_values: float = 1e-6

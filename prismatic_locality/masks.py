@@ -1,4 +1,4 @@
-"""Mask samplers for MaskEmbed (paper §3.2, spec A.3).
+"""Mask samplers for MaskEmbed (paper §3.2; docs/faithfulness.md).
 
 A sampler returns a bool tensor of shape (B, K, N): K masks for each of B images over N patches,
 ``True`` = patch kept (visible). Sampling is vectorised and runs on the generator's device, so

@@ -41,7 +41,7 @@ class Benchmark:
     dataset_id: str     # vlm-eval dataset_id (second directory level)
     key: str            # entry of metrics.json["summary"]
     scale: float        # to percent: the VQA-style scorers already report 0-100, the others 0-1
-    group: str          # "spatial" | "holistic" (issue E's split; only used for ordering/labels)
+    group: str          # "spatial" | "holistic" (paper Fig. 5's split; only used for ordering/labels)
     expected: int       # DatasetConfig.expected_examples of the full split (partial-result check)
 
 

@@ -40,7 +40,7 @@ def official_state(enc, dec):
 
 
 def write_official(path, enc, dec, arch, ema=None, prefix=""):
-    """The reference CheckpointSaver's layout (spec A.11), pickled Namespace included."""
+    """The reference CheckpointSaver's layout (docs/faithfulness.md), pickled Namespace included."""
     args = argparse.Namespace(model=arch, teacher_model=arch[1:], lr=2e-4, betas=(0.9, 0.95), data_dir=pathlib.Path("/data/in21k"),
                               mask_sampling="uniform", decoder_width=None, model_ema=ema is not None, amp_dtype="bfloat16")
     ckpt = {

@@ -5,7 +5,7 @@ dataset seeds from (seed, epoch, sample index). An image's augmentation therefor
 on the DataLoader worker that happens to load it, the world size, or where a resumed run restarted.
 
 - `RKRC`: the reference's ``rkrc`` train crop (timm ``ResizeKeepRatio`` with random zoom/aspect +
-  ``CenterCropOrPad(padding_mode='reflect')``; spec A.9), written with torchvision ops because
+  ``CenterCropOrPad(padding_mode='reflect')``; docs/align.md, Data), written with torchvision ops because
   timm 0.9.10 has neither the random zoom/aspect nor reflect padding, and timm draws from the
   global `random` module.
 - `EvalTransform`: resize the shorter side to size / crop_pct, centre crop (timm's eval transform).

@@ -39,7 +39,7 @@ from .args import build_parser
 
 log = logging.getLogger("prismatic_locality.demo")
 
-# The two targets of issue C, in macro-recall points.
+# The demo's two targets (docs/demo.md), in macro-recall points.
 TARGET_LOCAL_GAIN = 2.0
 TARGET_GLOBAL_DROP = 1.0
 

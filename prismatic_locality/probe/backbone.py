@@ -1,6 +1,6 @@
 """The frozen backbone being probed: a timm ViT (by name / local weights) or an aligned checkpoint.
 
-Features are the whole token sequence after the last block and the final norm (spec §C.2):
+Features are the whole token sequence after the last block and the final norm (paper App. B; docs/probe.md):
 ``forward_features`` for timm models (SigLIP's MAP head is not used; any timm ViT-like model, including
 ones MaskEmbed cannot align, e.g. NaFlex or ViTamin's conv stem), `maskembed.aligned_features`
 for aligned encoders. The fingerprint (hash of weights + architecture facts) keys the feature cache,

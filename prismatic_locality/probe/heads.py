@@ -1,4 +1,4 @@
-"""Output heads trained on frozen features (spec §C.3).
+"""Output heads trained on frozen features (paper App. B; docs/probe.md).
 
 Every head takes the backbone's whole token sequence (B, T, D) and returns logits:
 (B, num_patches, C) for local probing, (B, C) for global probing.

@@ -1,4 +1,4 @@
-"""Probing targets (spec §C.1): per-patch and per-image multi-hot labels from a segmentation map.
+"""Probing targets (paper App. B; docs/probe.md): per-patch and per-image multi-hot labels from a segmentation map.
 
 The label map is centre-cropped to the largest square and resized (nearest) to the backbone's
 resolution exactly like the image, then reduced on the backbone's patch grid:

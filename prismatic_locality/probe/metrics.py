@@ -1,4 +1,4 @@
-"""The probing metric (spec §C.4): macro recall at logit > 0 (sigmoid > 0.5), best epoch on val.
+"""The probing metric (paper App. B; docs/probe.md): macro recall at logit > 0 (sigmoid > 0.5), best epoch on val.
 
 Per class, a 2x2 confusion matrix is accumulated over all val patches of all images (local) or over
 all images (global). Recall = TP / (TP + FN); the macro average is over the classes with at least

@@ -1,6 +1,6 @@
 """Train one probing head on cached frozen features and evaluate it on val after every epoch.
 
-Reference recipe (spec §C.4), all overridable: AdamW(lr 1e-3, wd 0.01 on all head params), timm
+Reference recipe (docs/probe.md), all overridable: AdamW(lr 1e-3, wd 0.01 on all head params), timm
 CosineLRScheduler stepped per update (horizon = epochs x steps/epoch, 500 linear warmup steps from
 0 counted inside the horizon, floor 1e-4), batch 32, drop_last, 5 epochs, BCE-with-logits averaged
 over all (patch, class) or (image, class) entries, no augmentation. Precision (`precision.py`):
