@@ -169,6 +169,12 @@ def test_model_configs_share_one_recipe():
     assert configs["baseline-clip-l-336+7b"]().vision_backbone_id == "clip-vit-l-336px"
 
 
+def test_every_vlm_evaluation_config_names_a_registered_model():
+    evals = {p.stem for p in (REPO / "vlm-evaluation-configs" / "evaluate").glob("*.yaml")}
+    assert {"baseline-transformer-clip-l-336+7b", "aligned-truncated-siglip-so400m-384+7b"} <= evals
+    assert evals <= set(plugin.MODEL_CONFIGS)
+
+
 def test_vision_backbone_and_transform(env):
     vb, transform = materialize.get_vision_backbone_and_transform(TINY_ID, "letterbox")
     assert isinstance(vb, AlignedViTBackbone) and isinstance(transform, Compose)
