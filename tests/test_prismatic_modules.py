@@ -346,7 +346,9 @@ def test_resolve_from_env_root_and_alias(tmp_path, monkeypatch, no_registrations
 @pytest.mark.parametrize("fork_id,ours", [("clip-vit-l-336px-aligned", "clip-l-336-aligned"),
                                            ("siglip-vit-so400m-384px-aligned", "siglip-so400m-384-aligned"),
                                            ("clip-vit-b-aligned", "clip-b-224-aligned"),
-                                           ("siglip-vit-b-aligned", "siglip-b-224-aligned")])
+                                           ("siglip-vit-b-aligned", "siglip-b-224-aligned"),
+                                           ("clip-vit-l-aligned", "clip-l-224-aligned"),
+                                           ("siglip-vit-so400m-aligned", "siglip-so400m-224-aligned")])
 def test_fork_ids_are_aliases(tmp_path, monkeypatch, no_registrations, fork_id, ours):
     """The paper fork's ids resolve to the same checkpoint folder and image size as ours."""
     assert W.canonical_id(fork_id) == ours
@@ -354,6 +356,21 @@ def test_fork_ids_are_aliases(tmp_path, monkeypatch, no_registrations, fork_id, 
     ck = make_tiny_checkpoint(tmp_path / ours, "clip")
     monkeypatch.setenv(W.ENV_ROOT, str(tmp_path))
     assert W.resolve_checkpoint(fork_id) == ck
+
+
+def test_every_aligned_id_has_the_align_recipe_of_its_family():
+    """`<fam>-aligned` is aligned by `locality align --recipe <fam>`: same teacher, same image size.
+    Covers the paper fork's IN-1k ViT-L and 224 px CLIP-L / SigLIP-SO400M ids."""
+    from prismatic_locality.align.config import get_recipe
+
+    assert {"in1k-vit-l-aligned", "clip-l-224-aligned", "siglip-so400m-224-aligned"} <= set(W.ALIGNED_BACKBONES)
+    assert W.canonical_id("clip-vit-l-aligned") == "clip-l-224-aligned"
+    assert W.canonical_id("siglip-vit-so400m-aligned") == "siglip-so400m-224-aligned"
+    for b in W.ALIGNED_BACKBONES.values():
+        teacher = get_recipe(b.id.removesuffix("-aligned")).teacher.model
+        assert teacher.split(".")[0] == b.teacher.split(".")[0], b.id
+        if b.min_timm is None or timm.is_model(b.teacher.split(".")[0]):
+            assert timm.models.get_pretrained_cfg(b.teacher).input_size[-1] == b.default_image_size, b.id
 
 
 def test_resolve_rejects_relative_root(monkeypatch, no_registrations):
