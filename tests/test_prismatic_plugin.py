@@ -504,6 +504,46 @@ def test_stock_ablation_adapters_in_prismatic(env, monkeypatch, arch):
         torch.testing.assert_close(loaded(**b).logits, vlm(**b).logits)
 
 
+@pytest.mark.parametrize("arch", ["no-align+truncated", "no-align+transformer"])
+def test_fsdp_wraps_the_ablation_adapters_and_trains(env, monkeypatch, arch):
+    """Prismatic's FSDP setup (one CPU/gloo rank): the backbone cast to bf16 first, the VLM's policy,
+    bf16 MixedPrecision, use_orig_params. The adapter is its own FSDP unit (its blocks too), so its fp32
+    weights never share a flat parameter with the bf16 backbone, and a bf16 step trains it."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import MixedPrecision
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        vlm, transform, tok = build_vlm(arch=arch)
+        vlm.freeze_backbones("finetune")
+        vlm.vision_backbone.to(dtype=vlm.vision_backbone.half_precision_dtype)
+        assert all(p.dtype == torch.float32 for p in vlm.projector.parameters())  # not cast with the backbone
+        bf16 = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
+        model = FSDP(vlm, auto_wrap_policy=vlm.get_fsdp_wrapping_policy(), mixed_precision=bf16,
+                     use_orig_params=True, device_id=torch.device("cpu"))
+        units = {n.replace("_fsdp_wrapped_module.", "") for n, m in model.named_modules() if isinstance(m, FSDP)}
+        assert {"projector", "vision_backbone.featurizer"} <= units
+        assert {"projector.0", "projector.1"} <= units or {"projector.blocks.0", "projector.blocks.1"} <= units
+        b = batch(transform, tok)
+        b["pixel_values"] = b["pixel_values"].bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**b).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        head = vlm.projector[-1] if arch.endswith("truncated") else vlm.projector.head
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    finally:
+        dist.destroy_process_group()
+
+
 def test_ablation_archs_need_one_vit_featurizer(env):
     class Fused:  # e.g. the DINOv2-fused backbones: two featurizers
         identifier = "dinosiglip-vit-so-384px"
