@@ -469,11 +469,11 @@ def test_stock_ablation_adapters_in_prismatic(env, monkeypatch, arch):
     monkeypatch.setitem(materialize.VISION_BACKBONES, "clip-vit-l-336px",
                         {"cls": CLIPViTBackbone, "kwargs": {"default_image_size": 32}})
     vb, transform = materialize.get_vision_backbone_and_transform("clip-vit-l-336px", "resize-naive")
-    b = batch(transform, tok := materialize.get_llm_backbone_and_tokenizer(TINY_LLM, llm_max_length=64)[1])
+    llm, tok = materialize.get_llm_backbone_and_tokenizer(TINY_LLM, llm_max_length=64)
+    b = batch(transform, tok)
     with torch.no_grad():
         stock = vb(b["pixel_values"])  # Prismatic's baseline features: (2, 16, 48), patch tokens only
     blocks = [copy.deepcopy(blk.state_dict()) for blk in vb.featurizer.blocks]
-    llm, _ = materialize.get_llm_backbone_and_tokenizer(TINY_LLM, llm_max_length=64)
     vlm = materialize.get_vlm("baseline-ablation-tiny+test", arch, vb, llm)
     proj, feat = vlm.projector, vb.featurizer
     assert isinstance(feat.norm, torch.nn.Identity) and vlm.arch_specifier == arch

@@ -40,14 +40,13 @@ from __future__ import annotations
 from functools import partial, wraps
 from typing import Any, Callable
 
-import torch
-
 import prismatic.models.backbones.vision.base_vision as base_vision
 import prismatic.models.backbones.vision.dinoclip_vit as dinoclip_vit
 import prismatic.models.backbones.vision.dinosiglip_vit as dinosiglip_vit
 import prismatic.models.materialize as materialize
 from prismatic.conf import DatasetConfig, DatasetRegistry, ModelConfig, ModelRegistry
 from prismatic.models.vlms.prismatic import PrismaticVLM
+import torch
 from torch.distributed.fsdp.wrap import _module_wrap_policy, _or_policy
 
 from .backbone import AlignedViTBackbone
