@@ -453,49 +453,63 @@ def test_aligned_truncated_adapter_in_prismatic(env):
         torch.testing.assert_close(loaded(**b).logits, vlm(**b).logits)
 
 
+# Prismatic's own stock backbones for the paper's two families, tiny: (class, id, family, prefix, patches)
+STOCK_FAMILIES = {
+    "clip": ("prismatic.models.backbones.vision.clip_vit:CLIPViTBackbone", "clip-vit-l-336px", "clip-l-336", 1, 16),
+    "siglip": ("prismatic.models.backbones.vision.siglip_vit:SigLIPViTBackbone", "siglip-vit-so400m-384px",
+               "siglip-so400m-384", 0, 4),
+}
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
 @pytest.mark.parametrize("arch", ["no-align+transformer", "no-align+truncated"])
-def test_stock_ablation_adapters_in_prismatic(env, monkeypatch, arch):
-    """baseline-transformer / baseline-truncated on Prismatic's own CLIP backbone (tiny): the stock
-    features (block L-2, no norm) with the CLS token kept reach the adapter; truncated takes blocks
-    L-3 and L-2 of the loaded ViT. FSDP policy, a training step, save -> prismatic.load()."""
-    from prismatic.models.backbones.vision.clip_vit import CLIPViTBackbone
+def test_stock_ablation_adapters_in_prismatic(env, monkeypatch, arch, kind):
+    """baseline-transformer / baseline-truncated on Prismatic's own CLIP and SigLIP backbones (tiny): the
+    stock features (block L-2, no norm) with the prefix tokens kept reach the adapter; truncated takes
+    blocks L-3 and L-2 of the loaded ViT. FSDP policy, a training step, save -> prismatic.load()."""
+    import importlib
 
     import timm
 
-    tiny_timm(monkeypatch)
+    cls_path, bid, fam, prefix, patches = STOCK_FAMILIES[kind]
+    module, name = cls_path.split(":")
+    tiny_timm(monkeypatch, kind)
     random_vit = timm.create_model
     # The same "pretrained" weights every time the backbone is built (prismatic.load() rebuilds it).
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: (torch.manual_seed(0), random_vit(*a, **k))[1])
-    monkeypatch.setitem(materialize.VISION_BACKBONES, "clip-vit-l-336px",
-                        {"cls": CLIPViTBackbone, "kwargs": {"default_image_size": 32}})
-    vb, transform = materialize.get_vision_backbone_and_transform("clip-vit-l-336px", "resize-naive")
+    monkeypatch.setitem(materialize.VISION_BACKBONES, bid, {"cls": getattr(importlib.import_module(module), name),
+                                                            "kwargs": {"default_image_size": TINY[kind][1]["img_size"]}})
+    vb, transform = materialize.get_vision_backbone_and_transform(bid, "resize-naive")
     llm, tok = materialize.get_llm_backbone_and_tokenizer(TINY_LLM, llm_max_length=64)
     b = batch(transform, tok)
     with torch.no_grad():
-        stock = vb(b["pixel_values"])  # Prismatic's baseline features: (2, 16, 48), patch tokens only
+        stock = vb(b["pixel_values"])  # Prismatic's baseline features: patch tokens only
+    assert stock.shape == (2, patches, 48)
     blocks = [copy.deepcopy(blk.state_dict()) for blk in vb.featurizer.blocks]
     vlm = materialize.get_vlm("baseline-ablation-tiny+test", arch, vb, llm)
     proj, feat = vlm.projector, vb.featurizer
     assert isinstance(feat.norm, torch.nn.Identity) and vlm.arch_specifier == arch
     with torch.no_grad():
         mid = vb(b["pixel_values"])
-    assert mid.shape == (2, 17, 48)  # CLS kept for the adapter's attention
+    n_vis = prefix + patches
+    assert mid.shape == (2, n_vis, 48)  # prefix tokens kept for the adapter's attention
     if arch == "no-align+truncated":
         assert isinstance(proj, TruncatedProjector) and len(feat.blocks) == 0 and len(proj) == 4
         for i in (0, 1):
             assert all(torch.equal(v, blocks[i][k]) for k, v in proj[i].state_dict().items())
         assert isinstance(proj[2], torch.nn.Identity) and not proj[3].weight.any()
         with torch.no_grad():
-            torch.testing.assert_close(proj[:3](mid)[:, 1:], stock, rtol=0, atol=0)
+            torch.testing.assert_close(proj[:3](mid)[:, prefix:], stock, rtol=0, atol=0)
     else:
         assert isinstance(proj, TransformerProjector) and len(feat.blocks) == 2 and len(proj.blocks) == 2
-        assert proj.pos_embed.shape == (1, 17, 48) and proj.head.weight.abs().sum() > 0
-        torch.testing.assert_close(mid[:, 1:], stock, rtol=0, atol=0)
+        assert proj.pos_embed.shape == (1, n_vis, 48) and proj.head.weight.abs().sum() > 0
+        torch.testing.assert_close(mid[:, prefix:], stock, rtol=0, atol=0)
     wraps = fsdp_wraps(vlm)
     assert wraps(proj) and wraps(feat) and all(wraps(m) for m in proj.modules() if type(m).__name__ == "Block")
-    train_step(vlm, b, n_vis=17)
+    train_step(vlm, b, n_vis=n_vis)
 
-    model_type = "baseline-transformer-clip-l-336+7b" if arch.endswith("transformer") else "baseline-truncated-clip-l-336+7b"
+    model_type = f"baseline-{arch.removeprefix('no-align+')}-{fam}+7b"
+    assert plugin.MODEL_CONFIGS[model_type]().vision_backbone_id == bid
     run = save_run(env, vlm, model_type.replace("+7b", ""), model_type)
     loaded = prismatic_pkg.load(run)
     assert type(loaded.projector) is type(proj)
