@@ -20,7 +20,14 @@ from prismatic_locality.decoder import MaskEmbedDecoder
 from prismatic_locality.maskembed import default_decoder_config, make_encoder
 from prismatic_locality.prismatic import features as F
 from prismatic_locality.prismatic import weights as W
-from prismatic_locality.prismatic.projector import DecoderProjector, projector_init
+from prismatic_locality.prismatic.projector import (
+    DecoderProjector,
+    TransformerProjector,
+    TruncatedProjector,
+    cut_featurizer,
+    projector_init,
+    truncate_featurizer,
+)
 
 from conftest import TINY, tiny_vit
 
@@ -111,6 +118,93 @@ def test_projector_rejects_a_mismatched_decoder(tmp_path):
     init.decoder_state = {k: v for k, v in init.decoder_state.items() if k != "pos_embed"}
     with pytest.raises(ValueError, match="pos_embed"):
         DecoderProjector.from_init(init, LLM_DIM)
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapter ablations (paper App. D): TransformerProjector, TruncatedProjector
+# ------------------------------------------------------------------------------------------------
+
+
+def test_transformer_projector_is_a_random_decoder_sized_adapter():
+    torch.manual_seed(0)
+    proj = TransformerProjector(48, 3, num_tokens=17, num_prefix_tokens=1, llm_dim=LLM_DIM)
+    # The fork's TransformerProjector keys (= the DecoderProjector's), 2 blocks of the ViT's width and heads.
+    assert {k.split(".")[0] for k in proj.state_dict()} == {"in_proj", "pos_embed", "blocks", "norm", "head"}
+    assert len(proj.blocks) == 2 and proj.blocks[0].attn.num_heads == 3 and proj.in_proj.weight.shape == (48, 48)
+    assert proj.pos_embed.shape == (1, 17, 48) and proj.head.weight.shape == (LLM_DIM, 48)
+    assert proj.head.weight.abs().sum() > 0  # random, unlike the DecoderProjector's zero head
+    feats = torch.randn(2, 17, 48, requires_grad=True)
+    out = proj(feats)
+    assert out.shape == (2, 17, LLM_DIM)
+    # Prefix tokens are used as they come (not zeroed, as the decoder's are): CLS changes the output.
+    other = feats.detach().clone()
+    other[:, 0] += 1.0
+    assert not torch.allclose(proj(other), out)
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.parameters())
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_truncated_adapter_takes_the_loaded_blocks_and_finishes_the_features(tmp_path, kind):
+    """The aligned featurizer split in two: the adapter's blocks and norm are the checkpoint's last two
+    blocks and final norm, the featurizer runs only the rest, and adapter-minus-Linear after the
+    featurizer is bit-identical to the unsplit features."""
+    ck = make_tiny_checkpoint(tmp_path / "ck", kind)
+    size = TINY[kind][1]["img_size"]
+    featurizer, _, _ = F.load_featurizer(ck, image_size=size)
+    whole, _, _ = F.load_featurizer(ck, image_size=size)
+    x = torch.randn(2, 3, size, size)
+    ref = whole(x)
+    adapter = truncate_featurizer(featurizer, LLM_DIM)
+    assert isinstance(adapter, TruncatedProjector) and len(adapter) == 4
+    assert len(featurizer.blocks) == 1 and isinstance(featurizer.norm, torch.nn.Identity)
+    for i in (0, 1):  # the loaded backbone's blocks 1 and 2 (of 3), weights unchanged
+        want = whole.blocks[1 + i].state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in adapter[i].state_dict().items())
+    assert all(torch.equal(v, whole.norm.state_dict()[k]) for k, v in adapter[2].state_dict().items())
+    assert not adapter[3].weight.any() and not adapter[3].bias.any() and adapter[3].weight.shape == (LLM_DIM, 48)
+    # The paper fork's Sequential keys: 0, 1 (blocks), 2 (norm), 3 (Linear).
+    assert {k.split(".")[0] for k in adapter.state_dict()} == {"0", "1", "2", "3"}
+    mid = featurizer(x)
+    assert mid.shape == ref.shape  # every token still, prefix included
+    torch.testing.assert_close(adapter[:3](mid), ref, rtol=0, atol=0)
+    out = adapter(mid)
+    assert out.shape == (*ref.shape[:2], LLM_DIM) and not out.any()
+    # Trainable although the featurizer it came from is frozen; the featurizer keeps no moved block.
+    assert all(p.requires_grad for p in adapter.parameters())
+    assert not any(p.requires_grad for p in featurizer.parameters())
+    adapter(mid.detach()).sum().backward()
+    assert adapter[3].weight.grad.abs().sum() > 0
+
+
+def test_truncated_adapter_on_stock_features():
+    """A stock ViT's features (Prismatic: block L-2 output, no norm): cut there with prefix tokens, the
+    adapter moves blocks L-3 and L-2 and no norm; the patch tokens it computes are the stock features."""
+    torch.manual_seed(0)
+    vit = tiny_vit("clip")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        for blk in vit.blocks[:-1]:
+            h = blk(h)
+    stock = h[:, vit.num_prefix_tokens:]
+    kept = [vit.blocks[0], vit.blocks[1]]
+    cut_featurizer(vit, len(vit.blocks) - 1, keep_norm=False)
+    adapter = truncate_featurizer(vit, LLM_DIM)
+    assert adapter[0] is kept[0] and adapter[1] is kept[1] and isinstance(adapter[2], torch.nn.Identity)
+    assert len(vit.blocks) == 0 and {k.split(".")[0] for k in adapter.state_dict()} == {"0", "1", "3"}
+    with torch.no_grad():
+        got = adapter[:3](vit(x))
+    torch.testing.assert_close(got[:, vit.num_prefix_tokens:], stock, rtol=0, atol=0)
+
+
+def test_truncate_and_cut_reject_too_few_blocks():
+    vit = tiny_vit("clip")
+    with pytest.raises(ValueError, match="cannot keep 4 of the featurizer's 3 blocks"):
+        cut_featurizer(vit, 4, keep_norm=True)
+    cut_featurizer(vit, 1, keep_norm=True)
+    with pytest.raises(ValueError, match="needs 2 blocks; the featurizer has 1"):
+        truncate_featurizer(vit, LLM_DIM)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,7 +346,9 @@ def test_resolve_from_env_root_and_alias(tmp_path, monkeypatch, no_registrations
 @pytest.mark.parametrize("fork_id,ours", [("clip-vit-l-336px-aligned", "clip-l-336-aligned"),
                                            ("siglip-vit-so400m-384px-aligned", "siglip-so400m-384-aligned"),
                                            ("clip-vit-b-aligned", "clip-b-224-aligned"),
-                                           ("siglip-vit-b-aligned", "siglip-b-224-aligned")])
+                                           ("siglip-vit-b-aligned", "siglip-b-224-aligned"),
+                                           ("clip-vit-l-aligned", "clip-l-224-aligned"),
+                                           ("siglip-vit-so400m-aligned", "siglip-so400m-224-aligned")])
 def test_fork_ids_are_aliases(tmp_path, monkeypatch, no_registrations, fork_id, ours):
     """The paper fork's ids resolve to the same checkpoint folder and image size as ours."""
     assert W.canonical_id(fork_id) == ours
@@ -260,6 +356,21 @@ def test_fork_ids_are_aliases(tmp_path, monkeypatch, no_registrations, fork_id, 
     ck = make_tiny_checkpoint(tmp_path / ours, "clip")
     monkeypatch.setenv(W.ENV_ROOT, str(tmp_path))
     assert W.resolve_checkpoint(fork_id) == ck
+
+
+def test_every_aligned_id_has_the_align_recipe_of_its_family():
+    """`<fam>-aligned` is aligned by `locality align --recipe <fam>`: same teacher, same image size.
+    Covers the paper fork's IN-1k ViT-L and 224 px CLIP-L / SigLIP-SO400M ids."""
+    from prismatic_locality.align.config import get_recipe
+
+    assert {"in1k-vit-l-aligned", "clip-l-224-aligned", "siglip-so400m-224-aligned"} <= set(W.ALIGNED_BACKBONES)
+    assert W.canonical_id("clip-vit-l-aligned") == "clip-l-224-aligned"
+    assert W.canonical_id("siglip-vit-so400m-aligned") == "siglip-so400m-224-aligned"
+    for b in W.ALIGNED_BACKBONES.values():
+        teacher = get_recipe(b.id.removesuffix("-aligned")).teacher.model
+        assert teacher.split(".")[0] == b.teacher.split(".")[0], b.id
+        if b.min_timm is None or timm.is_model(b.teacher.split(".")[0]):
+            assert timm.models.get_pretrained_cfg(b.teacher).input_size[-1] == b.default_image_size, b.id
 
 
 def test_resolve_rejects_relative_root(monkeypatch, no_registrations):

@@ -4,6 +4,7 @@ step, save -> prismatic.load() round trip, model configs, the pretrain wrapper.
 Needs TRI-ML's Prismatic importable (skipped otherwise; see docs/prismatic.md for the stack). The LLM is
 a 2-layer Llama with a word-level tokenizer, both written by the test into tmp_path (no hub).
 """
+import copy
 import dataclasses
 import json
 import os
@@ -31,7 +32,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast  # no
 import prismatic_locality.prismatic as plugin  # noqa: E402
 from prismatic_locality.prismatic import weights as W  # noqa: E402
 from prismatic_locality.prismatic.backbone import AlignedViTBackbone  # noqa: E402
-from prismatic_locality.prismatic.projector import DecoderProjector  # noqa: E402
+from prismatic_locality.prismatic.features import load_featurizer  # noqa: E402
+from prismatic_locality.prismatic.projector import (  # noqa: E402
+    DecoderProjector,
+    TransformerProjector,
+    TruncatedProjector,
+)
 from prismatic_locality.prismatic.registry import register  # noqa: E402
 
 from conftest import TINY  # noqa: E402
@@ -100,7 +106,7 @@ def batch(transform, tok):
 
 
 def test_registration_is_idempotent_and_complete():
-    init_before = PrismaticVLM.__init__
+    init_before, policy_before = PrismaticVLM.__init__, PrismaticVLM.get_fsdp_wrapping_policy
     register()
     register()
     assert PrismaticVLM.__init__ is init_before
@@ -112,6 +118,9 @@ def test_registration_is_idempotent_and_complete():
             "siglip-vit-b-aligned"} <= set(materialize.VISION_BACKBONES)
     assert materialize.VISION_BACKBONES["clip-vit-l-336px-aligned"]["kwargs"]["default_image_size"] == 336
     assert materialize.VISION_BACKBONES["siglip-vit-b-aligned"]["kwargs"]["default_image_size"] == 224
+    for fork_id in ("in1k-vit-l-aligned", "clip-vit-l-aligned", "siglip-vit-so400m-aligned"):  # the fork's 224 px ids
+        assert materialize.VISION_BACKBONES[fork_id] == {"cls": AlignedViTBackbone, "kwargs": {"default_image_size": 224}}
+    assert PrismaticVLM.get_fsdp_wrapping_policy is policy_before
     for b in W.STOCK_BACKBONES.values():  # the SigLIP 2 / PE-Core baselines Prismatic lacks
         assert materialize.VISION_BACKBONES[b.id] == {"cls": plugin.StockViTBackbone,
                                                       "kwargs": {"default_image_size": b.default_image_size}}
@@ -119,7 +128,7 @@ def test_registration_is_idempotent_and_complete():
             "pe-core-vit-l-336px"} <= set(materialize.VISION_BACKBONES)
     assert set(plugin.MODEL_CONFIGS) <= set(ModelConfig.get_known_choices())
     # Stock projectors are untouched: the patch only claims its own arch specifiers.
-    assert not any(a.endswith(("gelu-mlp", "linear")) for a in plugin.registry.DECODER_ARCHS)
+    assert not any(a.endswith(("gelu-mlp", "linear")) for a in [*plugin.registry.DECODER_ARCHS, *plugin.registry.ABLATION_ARCHS])
 
 
 def test_model_configs_share_one_recipe():
@@ -138,7 +147,19 @@ def test_model_configs_share_one_recipe():
         return json.dumps({k: v for k, v in d.items() if k not in ("model_id", "vision_backbone_id", "arch_specifier")})
 
     configs = plugin.MODEL_CONFIGS
-    assert len(configs) == 20 and {recipe(c) for c in configs.values()} == {recipe(configs["baseline-clip-l-336+7b"])}
+    assert len(configs) == 35 and {recipe(c) for c in configs.values()} == {recipe(configs["baseline-clip-l-336+7b"])}
+    # The adapter ablations (paper App. D) for the paper's two backbones, on the same recipe.
+    for fam, stock in [("clip-l-336", "clip-vit-l-336px"), ("siglip-so400m-384", "siglip-vit-so400m-384px")]:
+        for kind, backbone, arch in [("baseline-transformer", stock, "no-align+transformer"),
+                                     ("baseline-truncated", stock, "no-align+truncated"),
+                                     ("aligned-truncated", f"{fam}-aligned", "no-align+truncated")]:
+            m = configs[f"{kind}-{fam}+7b"]()
+            assert (m.vision_backbone_id, m.arch_specifier) == (backbone, arch), (kind, fam)
+    assert not any(k.startswith(("baseline-transformer-clip-b", "aligned-truncated-pe")) for k in configs)
+    # The paper fork's remaining backbones, under our ids, with their Prismatic baselines.
+    assert configs["baseline-in1k-vit-l+7b"]().vision_backbone_id == "in1k-vit-l"
+    assert configs["aligned-decoder-clip-l-224+7b"]().vision_backbone_id == "clip-l-224-aligned"
+    assert configs["baseline-siglip-so400m-224+7b"]().vision_backbone_id == "siglip-vit-so400m"
     assert configs["baseline-siglip2-so400m-384+7b"]().vision_backbone_id == "siglip2-vit-so400m-384px"
     assert configs["aligned-decoder-pe-core-l-336+7b"]().vision_backbone_id == "pe-core-l-336-aligned"
     assert configs["baseline-pe-core-l-336+7b"]().arch_specifier == "no-align+gelu-mlp"
@@ -146,6 +167,12 @@ def test_model_configs_share_one_recipe():
     assert configs["baseline-dinoclip-l-336+7b"]().arch_specifier == "no-align+fused-gelu-mlp"
     assert configs["aligned-mlp-clip-l-336+7b"]().arch_specifier == "no-align+gelu-mlp"
     assert configs["baseline-clip-l-336+7b"]().vision_backbone_id == "clip-vit-l-336px"
+
+
+def test_every_vlm_evaluation_config_names_a_registered_model():
+    evals = {p.stem for p in (REPO / "vlm-evaluation-configs" / "evaluate").glob("*.yaml")}
+    assert {"baseline-transformer-clip-l-336+7b", "aligned-truncated-siglip-so400m-384+7b"} <= evals
+    assert evals <= set(plugin.MODEL_CONFIGS)
 
 
 def test_vision_backbone_and_transform(env):
@@ -360,6 +387,186 @@ def test_get_vlm_train_step_save_and_load_round_trip(env):
         got = loaded(**b).logits
     torch.testing.assert_close(got, ref)
     assert loaded.projector.head.weight.abs().sum() > 0
+
+
+def fsdp_wraps(vlm):
+    policy = vlm.get_fsdp_wrapping_policy()
+    return lambda m: policy(module=m, recurse=False, nonwrapped_numel=10**9)
+
+
+def save_run(env, vlm, name, model_type, **changes):
+    """A run dir as Prismatic's pretrain.py + FSDPStrategy.save_checkpoint leave it (trainable modules only)."""
+    run = env / "runs" / f"{name}+stage-finetune+x7"
+    (run / "checkpoints").mkdir(parents=True)
+    model_cfg = dataclasses.replace(plugin.MODEL_CONFIGS[model_type](), llm_backbone_id=TINY_LLM, llm_max_length=64,
+                                    **changes)
+    (run / "config.json").write_text(json.dumps({"model": draccus.encode(model_cfg)}))
+    torch.save({"model": {"projector": vlm.projector.state_dict(), "llm_backbone": vlm.llm_backbone.state_dict()}},
+               run / "checkpoints" / "latest-checkpoint.pt")
+    return run
+
+
+def train_step(vlm, b, n_vis):
+    """One finetune-stage step: every visual token reaches the LLM, the adapter (only) learns."""
+    vlm.freeze_backbones("finetune")
+    vlm.train()
+    out = vlm(**b)
+    assert out.logits.shape[1] == b["input_ids"].shape[1] + n_vis
+    out.loss.backward()
+    assert all(p.grad is not None for p in vlm.projector.parameters())
+    assert all(p.grad is None for p in vlm.vision_backbone.parameters())
+    opt = torch.optim.SGD([p for p in vlm.parameters() if p.requires_grad], lr=0.5)
+    opt.step()
+    opt.zero_grad()
+
+
+def test_aligned_truncated_adapter_in_prismatic(env):
+    """aligned-truncated: the loaded aligned checkpoint's last 2 blocks + final norm + zero Linear as the
+    adapter, the backbone 2 blocks shorter; FSDP policy, a training step, save -> prismatic.load()."""
+    vlm, transform, tok = build_vlm(arch="no-align+truncated")
+    loaded_vit, _, _ = load_featurizer(env / "ckpts" / TINY_ID, 32)
+    proj, vb = vlm.projector, vlm.vision_backbone
+    assert isinstance(proj, TruncatedProjector) and vlm.arch_specifier == "no-align+truncated"
+    assert len(vb.featurizer.blocks) == 1 and isinstance(vb.featurizer.norm, torch.nn.Identity)
+    want = {**{f"{i}.{k}": v for i in (0, 1) for k, v in loaded_vit.blocks[1 + i].state_dict().items()},
+            **{f"2.{k}": v for k, v in loaded_vit.norm.state_dict().items()}}
+    got = {k: v for k, v in proj.state_dict().items() if not k.startswith("3.")}
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not proj[3].weight.any() and proj[3].weight.shape == (32, 48)  # zero Linear to the LLM width
+    assert not any(p is q for p in proj.parameters() for q in vb.parameters())  # moved, not shared
+    wraps = fsdp_wraps(vlm)
+    assert wraps(proj) and wraps(proj[0]) and wraps(vb.featurizer) and wraps(vb.featurizer.blocks[0])
+
+    b = batch(transform, tok)
+    with torch.no_grad():  # the ViT split in two still computes the aligned features
+        torch.testing.assert_close(proj[:3](vb(b["pixel_values"])), loaded_vit(b["pixel_values"]), rtol=0, atol=0)
+    train_step(vlm, b, n_vis=17)
+    assert proj[3].weight.abs().sum() > 0  # the zero Linear learns first (the blocks get zero gradient at step 0)
+    train_step(vlm, b, n_vis=17)
+    assert not torch.equal(proj[0].attn.qkv.weight, want["0.attn.qkv.weight"])  # then the moved blocks fine-tune
+
+    run = save_run(env, vlm, "aligned-truncated-tiny+test", "aligned-truncated-clip-l-336+7b", vision_backbone_id=TINY_ID)
+    loaded = prismatic_pkg.load(run)
+    assert isinstance(loaded.projector, TruncatedProjector) and len(loaded.vision_backbone.featurizer.blocks) == 1
+    vlm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**b).logits, vlm(**b).logits)
+
+
+# Prismatic's own stock backbones for the paper's two families, tiny: (class, id, family, prefix, patches)
+STOCK_FAMILIES = {
+    "clip": ("prismatic.models.backbones.vision.clip_vit:CLIPViTBackbone", "clip-vit-l-336px", "clip-l-336", 1, 16),
+    "siglip": ("prismatic.models.backbones.vision.siglip_vit:SigLIPViTBackbone", "siglip-vit-so400m-384px",
+               "siglip-so400m-384", 0, 4),
+}
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("arch", ["no-align+transformer", "no-align+truncated"])
+def test_stock_ablation_adapters_in_prismatic(env, monkeypatch, arch, kind):
+    """baseline-transformer / baseline-truncated on Prismatic's own CLIP and SigLIP backbones (tiny): the
+    stock features (block L-2, no norm) with the prefix tokens kept reach the adapter; truncated takes
+    blocks L-3 and L-2 of the loaded ViT. FSDP policy, a training step, save -> prismatic.load()."""
+    import importlib
+
+    import timm
+
+    cls_path, bid, fam, prefix, patches = STOCK_FAMILIES[kind]
+    module, name = cls_path.split(":")
+    tiny_timm(monkeypatch, kind)
+    random_vit = timm.create_model
+    # The same "pretrained" weights every time the backbone is built (prismatic.load() rebuilds it).
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: (torch.manual_seed(0), random_vit(*a, **k))[1])
+    monkeypatch.setitem(materialize.VISION_BACKBONES, bid, {"cls": getattr(importlib.import_module(module), name),
+                                                            "kwargs": {"default_image_size": TINY[kind][1]["img_size"]}})
+    vb, transform = materialize.get_vision_backbone_and_transform(bid, "resize-naive")
+    llm, tok = materialize.get_llm_backbone_and_tokenizer(TINY_LLM, llm_max_length=64)
+    b = batch(transform, tok)
+    with torch.no_grad():
+        stock = vb(b["pixel_values"])  # Prismatic's baseline features: patch tokens only
+    assert stock.shape == (2, patches, 48)
+    blocks = [copy.deepcopy(blk.state_dict()) for blk in vb.featurizer.blocks]
+    vlm = materialize.get_vlm("baseline-ablation-tiny+test", arch, vb, llm)
+    proj, feat = vlm.projector, vb.featurizer
+    assert isinstance(feat.norm, torch.nn.Identity) and vlm.arch_specifier == arch
+    with torch.no_grad():
+        mid = vb(b["pixel_values"])
+    n_vis = prefix + patches
+    assert mid.shape == (2, n_vis, 48)  # prefix tokens kept for the adapter's attention
+    if arch == "no-align+truncated":
+        assert isinstance(proj, TruncatedProjector) and len(feat.blocks) == 0 and len(proj) == 4
+        for i in (0, 1):
+            assert all(torch.equal(v, blocks[i][k]) for k, v in proj[i].state_dict().items())
+        assert isinstance(proj[2], torch.nn.Identity) and not proj[3].weight.any()
+        with torch.no_grad():
+            torch.testing.assert_close(proj[:3](mid)[:, prefix:], stock, rtol=0, atol=0)
+    else:
+        assert isinstance(proj, TransformerProjector) and len(feat.blocks) == 2 and len(proj.blocks) == 2
+        assert proj.pos_embed.shape == (1, n_vis, 48) and proj.head.weight.abs().sum() > 0
+        torch.testing.assert_close(mid[:, prefix:], stock, rtol=0, atol=0)
+    wraps = fsdp_wraps(vlm)
+    assert wraps(proj) and wraps(feat) and all(wraps(m) for m in proj.modules() if type(m).__name__ == "Block")
+    train_step(vlm, b, n_vis=n_vis)
+
+    model_type = f"baseline-{arch.removeprefix('no-align+')}-{fam}+7b"
+    assert plugin.MODEL_CONFIGS[model_type]().vision_backbone_id == bid
+    run = save_run(env, vlm, model_type.replace("+7b", ""), model_type)
+    loaded = prismatic_pkg.load(run)
+    assert type(loaded.projector) is type(proj)
+    vlm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**b).logits, vlm(**b).logits)
+
+
+@pytest.mark.parametrize("arch", ["no-align+truncated", "no-align+transformer"])
+def test_fsdp_wraps_the_ablation_adapters_and_trains(env, monkeypatch, arch):
+    """Prismatic's FSDP setup (one CPU/gloo rank): the backbone cast to bf16 first, the VLM's policy,
+    bf16 MixedPrecision, use_orig_params. The adapter is its own FSDP unit (its blocks too), so its fp32
+    weights never share a flat parameter with the bf16 backbone, and a bf16 step trains it."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import MixedPrecision
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        vlm, transform, tok = build_vlm(arch=arch)
+        vlm.freeze_backbones("finetune")
+        vlm.vision_backbone.to(dtype=vlm.vision_backbone.half_precision_dtype)
+        assert all(p.dtype == torch.float32 for p in vlm.projector.parameters())  # not cast with the backbone
+        bf16 = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
+        model = FSDP(vlm, auto_wrap_policy=vlm.get_fsdp_wrapping_policy(), mixed_precision=bf16,
+                     use_orig_params=True, device_id=torch.device("cpu"))
+        units = {n.replace("_fsdp_wrapped_module.", "") for n, m in model.named_modules() if isinstance(m, FSDP)}
+        assert {"projector", "vision_backbone.featurizer"} <= units
+        assert {"projector.0", "projector.1"} <= units or {"projector.blocks.0", "projector.blocks.1"} <= units
+        b = batch(transform, tok)
+        b["pixel_values"] = b["pixel_values"].bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**b).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        head = vlm.projector[-1] if arch.endswith("truncated") else vlm.projector.head
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ablation_archs_need_one_vit_featurizer(env):
+    class Fused:  # e.g. the DINOv2-fused backbones: two featurizers
+        identifier = "dinosiglip-vit-so-384px"
+        dino_featurizer = None
+
+    llm, _ = materialize.get_llm_backbone_and_tokenizer(TINY_LLM, llm_max_length=64)
+    for arch in ("no-align+transformer", "no-align+truncated"):
+        with pytest.raises(ValueError, match="one timm VisionTransformer featurizer; 'dinosiglip-vit-so-384px' has none"):
+            materialize.get_vlm("m", arch, Fused(), llm)
 
 
 def test_fork_arch_specifier_reloads_with_gelu(env):

@@ -276,13 +276,16 @@ class ScoreConfig:
 
 def expected_models() -> set[str]:
     """The plugin's naming (prismatic_locality/prismatic/configs.py) for the paper's two backbones and
-    the SigLIP 2 / PE-Core ones."""
+    the SigLIP 2 / PE-Core ones, and the paper's adapter ablations."""
     from prismatic_locality.prismatic.weights import ALIGNED_BACKBONES
     fams = [b.id.removesuffix("-aligned") for b in ALIGNED_BACKBONES.values()
             if b.id in ("clip-l-336-aligned", "siglip-so400m-384-aligned", "siglip2-so400m-384-aligned",
                         "pe-core-l-336-aligned")]
     assert len(fams) == 4
     out = {f"{kind}-{fam}+7b" for fam in fams for kind in ("aligned-decoder", "aligned-mlp", "baseline")}
+    # The adapter ablations (paper App. D) on the paper's two backbones.
+    out |= {f"{kind}-{fam}+7b" for fam in ("clip-l-336", "siglip-so400m-384")
+            for kind in ("baseline-transformer", "baseline-truncated", "aligned-truncated")}
     return out | {"baseline-dinoclip-l-336+7b", "baseline-dinosiglip-so400m-384+7b"}
 
 

@@ -210,6 +210,12 @@ RECIPES: Dict[str, Callable[[], AlignConfig]] = {
     "clip-b-224": lambda: _recipe("clip-b-224", "vit_base_patch16_clip_quickgelu_224.openai", 3e-4, 256),
     "siglip-b-224": lambda: _recipe("siglip-b-224", "vit_base_patch16_siglip_224", 3e-4, 256),
     "in1k-vit-b": lambda: _recipe("in1k-vit-b", "vit_base_patch16_224.augreg_in21k_ft_in1k", 3e-4, 256),
+    # The paper fork's other aligned backbones (Prismatic ids in1k-vit-l-aligned, clip-vit-l-aligned,
+    # siglip-vit-so400m-aligned): the ViT-L/SO400M hyperparameters at 224 px; micro-batches scaled by
+    # sequence length from 32 at 577 tokens, not measured.
+    "in1k-vit-l": lambda: _recipe("in1k-vit-l", "vit_large_patch16_224.augreg_in21k_ft_in1k", 2e-4, 64),
+    "clip-l-224": lambda: _recipe("clip-l-224", "vit_large_patch14_clip_quickgelu_224.openai", 2e-4, 64),
+    "siglip-so400m-224": lambda: _recipe("siglip-so400m-224", "vit_so400m_patch14_siglip_224", 2e-4, 32),
     # Today's ViTs (a timm that has them, tested: 1.0.31; docs/align.md): the paper's ViT-L/SO400M
     # hyperparameters, each family's own resolution and mean/std (read from the teacher's timm config);
     # micro-batches scaled by sequence length from the reference's 80 GB sizes (32 at 577 tokens), not measured.

@@ -1,7 +1,8 @@
 """The Prismatic plugin: aligned vision backbones and the DecoderProjector inside unchanged Prismatic.
 
 ``import prismatic_locality.prismatic`` is the whole contract: with Prismatic installed it registers
-(idempotently) the aligned backbone ids, the ``no-align+decoder`` projector and the model configs
+(idempotently) the aligned backbone ids, the ``no-align+decoder`` projector, the adapter ablations
+``no-align+transformer`` / ``no-align+truncated`` and the model configs
 (see `registry.py`, the only module that changes Prismatic's state). Import it in every process
 before Prismatic parses a config or loads a run: `scripts/pretrain.py` does this for training.
 
@@ -11,7 +12,7 @@ DecoderProjector) are still importable and ``PRISMATIC_AVAILABLE`` is False.
 from __future__ import annotations
 
 from .features import LetterboxPad, image_transform, load_featurizer
-from .projector import DecoderProjector, ProjectorInit, projector_init
+from .projector import DecoderProjector, ProjectorInit, TransformerProjector, TruncatedProjector, projector_init
 from .weights import (
     ALIASES,
     ALIGNED_BACKBONES,
@@ -25,7 +26,7 @@ from .weights import (
 
 __all__ = [
     "PRISMATIC_AVAILABLE", "LetterboxPad", "image_transform", "load_featurizer", "DecoderProjector", "ProjectorInit",
-    "projector_init", "ALIASES", "ALIGNED_BACKBONES", "ENV_ROOT", "STOCK_BACKBONES", "canonical_id", "register_checkpoint",
+    "TransformerProjector", "TruncatedProjector", "projector_init", "ALIASES", "ALIGNED_BACKBONES", "ENV_ROOT", "STOCK_BACKBONES", "canonical_id", "register_checkpoint",
     "resolve_checkpoint", "unregister_checkpoint",
 ]
 
@@ -44,10 +45,10 @@ except ModuleNotFoundError as e:
 else:
     PRISMATIC_AVAILABLE = True
     from .backbone import AlignedViTBackbone
-    from .configs import DECODER_ARCH, MODEL_CONFIGS
+    from .configs import DECODER_ARCH, MODEL_CONFIGS, TRANSFORMER_ARCH, TRUNCATED_ARCH
     from .registry import register, register_aligned_backbone
     from .stock import StockViTBackbone
 
-    __all__ += ["AlignedViTBackbone", "DECODER_ARCH", "MODEL_CONFIGS", "StockViTBackbone", "register",
+    __all__ += ["AlignedViTBackbone", "DECODER_ARCH", "TRANSFORMER_ARCH", "TRUNCATED_ARCH", "MODEL_CONFIGS", "StockViTBackbone", "register",
                 "register_aligned_backbone"]
     register()

@@ -10,6 +10,12 @@ changes the vision backbone and the adapter, so every comparison is controlled:
     baseline-<fam>+7b          stock backbone    + Prismatic's MLP
     baseline-dinoclip-l-336+7b / baseline-dinosiglip-so400m-384+7b   DINOv2-fused stock backbones
 
+and the adapter ablations of the paper's App. D, for CLIP-L/336 and SigLIP-SO400M/384 only:
+
+    baseline-transformer-<fam>+7b  stock backbone    + random 2-block transformer (arch "no-align+transformer")
+    baseline-truncated-<fam>+7b    stock backbone    + its last 2 blocks, norm, zero Linear ("no-align+truncated")
+    aligned-truncated-<fam>+7b     aligned backbone  + its last 2 blocks, norm, zero Linear ("no-align+truncated")
+
 Use with ``--model.type <model_id>``.
 """
 from __future__ import annotations
@@ -23,6 +29,9 @@ from .weights import ALIGNED_BACKBONES
 DECODER_ARCH = "no-align+decoder"
 MLP_ARCH = "no-align+gelu-mlp"
 FUSED_MLP_ARCH = "no-align+fused-gelu-mlp"
+TRANSFORMER_ARCH = "no-align+transformer"
+TRUNCATED_ARCH = "no-align+truncated"
+ABLATION_BACKBONES = ("clip-l-336-aligned", "siglip-so400m-384-aligned")  # the paper's App. D backbones
 
 
 @dataclass
@@ -58,6 +67,13 @@ def _variants() -> list[type]:
             _variant(f"aligned-decoder-{fam}+7b", b.id, DECODER_ARCH),
             _variant(f"aligned-mlp-{fam}+7b", b.id, MLP_ARCH),
             _variant(f"baseline-{fam}+7b", b.stock_id, MLP_ARCH),
+        ]
+    for b in (ALIGNED_BACKBONES[i] for i in ABLATION_BACKBONES):
+        fam = b.id.removesuffix("-aligned")
+        out += [
+            _variant(f"baseline-transformer-{fam}+7b", b.stock_id, TRANSFORMER_ARCH),
+            _variant(f"baseline-truncated-{fam}+7b", b.stock_id, TRUNCATED_ARCH),
+            _variant(f"aligned-truncated-{fam}+7b", b.id, TRUNCATED_ARCH),
         ]
     out += [
         _variant("baseline-dinoclip-l-336+7b", "dinoclip-vit-l-336px", FUSED_MLP_ARCH),

@@ -1,4 +1,8 @@
-"""The DecoderProjector: the trained MaskEmbed decoder reused as the VLM adapter (paper §5; no Prismatic import).
+"""The VLM adapters beyond Prismatic's MLP (no Prismatic import).
+
+`DecoderProjector`: the trained MaskEmbed decoder reused as the VLM adapter (paper §5), and the
+paper's two adapter ablations (App. D): `TransformerProjector`, the same transformer randomly
+initialised, and `TruncatedProjector`, the backbone's own last two blocks made trainable.
 
     features (B, T, D_vit) ─ in_proj ─► zero prefix tokens ─► + pos_embed ─► blocks ─► norm ─► head ─► (B, T, D_llm)
 
@@ -79,3 +83,88 @@ class DecoderProjector(MaskEmbedDecoder):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, T, D_vit) aligned features -> (B, T, D_llm) LLM input embeddings."""
         return self.head(self.forward_features(self.in_proj(self.in_norm(features))))
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapter ablations (paper App. D)
+# ------------------------------------------------------------------------------------------------
+
+ADAPTER_DEPTH = 2  # blocks in every transformer-style adapter: the MaskEmbed decoder's depth
+
+
+class TransformerProjector(DecoderProjector):
+    """The DecoderProjector's architecture at the decoder's size, randomly initialised.
+
+    "Baseline Transformer" in the paper (App. D): it tests whether the decoder helps only by being a
+    bigger adapter. As the paper fork's random ``TransformerProjector``: width = the ViT's width,
+    its heads, 2 blocks with LayerScale 1e-6, GELU, every Linear (``head`` included) at PyTorch's
+    default init, and prefix tokens are *not* zeroed (no decoder was trained to expect that).
+    Same state-dict keys as the DecoderProjector.
+    """
+
+    def __init__(self, vision_dim: int, num_heads: int, num_tokens: int, num_prefix_tokens: int, llm_dim: int,
+                 depth: int = ADAPTER_DEPTH):
+        cfg = DecoderConfig(num_tokens=num_tokens, num_prefix_tokens=num_prefix_tokens, width=vision_dim,
+                            out_dim=vision_dim, num_heads=num_heads, depth=depth)
+        super().__init__(cfg, vision_dim, llm_dim)
+        self.head.reset_parameters()  # random, not zero: nothing in this adapter is pre-trained
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, T, D_vit) -> (B, T, D_llm), every token (prefix included) as it comes."""
+        return self.head(self.norm(self.blocks(self.in_proj(features) + self.pos_embed)))
+
+
+class TruncatedProjector(nn.Sequential):
+    """The backbone's last 2 feature blocks, its final norm and a zero-initialised Linear to the LLM width.
+
+    "Truncated" in the paper (App. D): pre-trained transformer layers as the adapter, for a backbone
+    with no decoder, i.e. partially fine-tuning the ViT. Built by `truncate_featurizer`, which moves
+    the blocks out of the (frozen, bf16) vision backbone, so the ViT runs once: the featurizer stops
+    two blocks early and this adapter finishes the job, trainable, in fp32. At step 0 the visual
+    tokens are zero (the Linear), as with the DecoderProjector.
+
+    An ``nn.Sequential`` (keys ``0.*``, ``1.*`` the blocks, ``2.*`` the norm, ``3.*`` the Linear), as the
+    paper fork's truncated adapter, so its runs reload here.
+    """
+
+    @classmethod
+    def build(cls, blocks: list[nn.Module], norm: nn.Module, vision_dim: int, llm_dim: int) -> "TruncatedProjector":
+        linear = nn.Linear(vision_dim, llm_dim)
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        return cls(*blocks, norm, linear)
+
+
+def cut_featurizer(featurizer: nn.Module, num_blocks: int, keep_norm: bool) -> None:
+    """Make `featurizer(x)` return the output of its first `num_blocks` blocks, prefix tokens kept.
+
+    The final norm stays only with `keep_norm`. This is what the transformer-style adapters read: the
+    backbone's own feature layer (the last block + norm for aligned backbones; the second-to-last
+    block, no norm, for Prismatic's stock ones) but with the prefix tokens their attention needs.
+    Blocks past `num_blocks` are dropped, not run. The forward is re-bound on the instance, as
+    Prismatic does for FSDP.
+    """
+    if not 0 <= num_blocks <= len(featurizer.blocks):
+        raise ValueError(f"cannot keep {num_blocks} of the featurizer's {len(featurizer.blocks)} blocks")
+    featurizer.blocks = featurizer.blocks[:num_blocks]
+    if not keep_norm:
+        featurizer.norm = nn.Identity()
+    featurizer.forward = featurizer.forward_features
+
+
+def truncate_featurizer(featurizer: nn.Module, llm_dim: int, depth: int = ADAPTER_DEPTH) -> TruncatedProjector:
+    """Move the last `depth` blocks and the final norm of a (cut) featurizer into a `TruncatedProjector`.
+
+    Afterwards ``featurizer(x)`` returns the hidden states entering the first moved block: every
+    token, no norm. ``adapter(featurizer(x))`` equals ``Linear(features)`` for the features the
+    featurizer returned before (bit for bit in fp32), with the Linear zero at first.
+    """
+    blocks = featurizer.blocks
+    if len(blocks) < depth:
+        raise ValueError(f"a truncated adapter needs {depth} blocks; the featurizer has {len(blocks)}")
+    moved = list(blocks[len(blocks) - depth:])
+    featurizer.blocks = blocks[:len(blocks) - depth]
+    norm, featurizer.norm = featurizer.norm, nn.Identity()
+    featurizer.forward = featurizer.forward_features
+    adapter = TruncatedProjector.build(moved, norm, featurizer.embed_dim, llm_dim)
+    return adapter.requires_grad_(True)  # the blocks come from a frozen backbone

@@ -53,6 +53,11 @@ ALIGNED_BACKBONES: dict[str, AlignedBackboneId] = {
         AlignedBackboneId("siglip-so400m-384-aligned", 384, "vit_so400m_patch14_siglip_384.webli", "siglip-vit-so400m-384px"),
         AlignedBackboneId("clip-b-224-aligned", 224, "vit_base_patch16_clip_quickgelu_224.openai", "clip-vit-b"),
         AlignedBackboneId("siglip-b-224-aligned", 224, "vit_base_patch16_siglip_224.webli", "siglip-vit-b16-224px"),
+        # The paper fork's other backbones (its ids are aliases below): IN-1k ViT-L and the 224 px
+        # CLIP-L / SigLIP-SO400M, aligned with the recipes of the same name (docs/align.md).
+        AlignedBackboneId("in1k-vit-l-aligned", 224, "vit_large_patch16_224.augreg_in21k_ft_in1k", "in1k-vit-l"),
+        AlignedBackboneId("clip-l-224-aligned", 224, "vit_large_patch14_clip_quickgelu_224.openai", "clip-vit-l"),
+        AlignedBackboneId("siglip-so400m-224-aligned", 224, "vit_so400m_patch14_siglip_224.webli", "siglip-vit-so400m"),
         # SigLIP 2 at /16@384: 24 x 24 = 576 tokens, as many as CLIP-L/14@336 and 21% fewer LLM
         # input tokens than the /14@378 tag's 729, at the same 384 px input as SigLIP SO400M/14@384.
         AlignedBackboneId("siglip2-so400m-384-aligned", 384, "vit_so400m_patch16_siglip_384.v2_webli",
@@ -88,6 +93,8 @@ ALIASES: dict[str, str] = {
     "siglip-vit-so400m-384px-aligned": "siglip-so400m-384-aligned",
     "clip-vit-b-aligned": "clip-b-224-aligned",        # the fork's svit_base_patch16_clip_quickgelu_224
     "siglip-vit-b-aligned": "siglip-b-224-aligned",    # the fork's svit_base_patch16_siglip_224
+    "clip-vit-l-aligned": "clip-l-224-aligned",        # the fork's svit_large_patch14_clip_quickgelu_224
+    "siglip-vit-so400m-aligned": "siglip-so400m-224-aligned",  # the fork's svit_so400m_patch14_siglip_224
 }
 
 _registered: dict[str, str] = {}  # id -> absolute directory or hf:// location
