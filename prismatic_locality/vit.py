@@ -29,6 +29,20 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+# Defined before `import timm`: `prismatic_locality.hub` registers aligned architectures right after timm is
+# imported (package __init__), which may happen during this very import.
+# timm modules whose architectures are ViTs of the classes above (the hub registration gives each an
+# aligned variant; MaskEmbed still checks each model it builds, `vit_spec(strict=True)`)
+TIMM_VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "eva", "naflexvit", "vitamin")
+
+
+def vit_architectures() -> list[str]:
+    """timm architecture names (no pretrained tags) defined in `TIMM_VIT_MODULES`, on this timm version."""
+    from timm.models import _registry
+
+    return sorted(n for n in _registry._model_entrypoints if _registry._model_to_module.get(n) in TIMM_VIT_MODULES)
+
+
 import timm
 import torch
 import torch.nn as nn
@@ -671,6 +685,8 @@ def vit_flops_per_image(spec: ViTSpec, num_blocks: Optional[int] = None) -> floa
 
 __all__ = [
     "create_vit",
+    "TIMM_VIT_MODULES",
+    "vit_architectures",
     "read_state_dict",
     "load_timm_weights",
     "ViTSpec",

@@ -1,0 +1,149 @@
+"""Aligned backbones outside this package: timm names, hub directories, transformers, `locality export`."""
+import json
+
+import pytest
+import timm
+import torch
+
+import prismatic_locality  # noqa: F401  (registers <timm ViT>_softcap with timm)
+from prismatic_locality import checkpoint as C
+from prismatic_locality import export as E
+from prismatic_locality import hub as H
+from prismatic_locality import vit as V
+from prismatic_locality.maskembed import aligned_features
+
+from test_inspect import aligned
+
+TIMM_1 = int(timm.__version__.split(".")[0]) >= 1
+
+
+def reference(ckpt, x):
+    with torch.no_grad():
+        return aligned_features(C.load_aligned(ckpt, attn_impl="math").encoder, x)
+
+
+def features(model, x):
+    with torch.no_grad():
+        return model.eval().forward_features(x)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return aligned(tmp_path, qk_gain=2.0)
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """A private Hugging Face cache (offline: HF_HUB_OFFLINE=1 is set by conftest)."""
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_every_timm_vit_has_a_registered_aligned_variant():
+    names = timm.list_models("*" + H.SUFFIX)
+    assert "vit_base_patch16_clip_224" + H.SUFFIX in names and "vit_tiny_patch16_224" + H.SUFFIX in names
+    assert "vit_tiny_patch16_224_softcap.maskembed" in timm.list_models("vit_tiny*", include_tags=True)
+
+
+def test_registered_name_with_the_aligned_file_is_the_trained_function(ckpt):
+    """Only the file is given: architecture, cap, head, eps and mean/std come from the config beside it."""
+    m = timm.create_model("vit_base_patch16_clip_quickgelu_224_softcap.maskembed", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(ckpt / "model.safetensors")))
+    assert isinstance(m.blocks[0].attn, V.SoftCapAttention) and m.blocks[0].attn.cap == 30.0
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(features(m, x), reference(ckpt, x))
+    assert m.pretrained_cfg["mean"] == tuple(C.read_config(ckpt)["encoder"]["mean"])
+    assert m.head.out_features == 24
+
+
+def test_registered_name_without_weights_is_one_line():
+    with pytest.raises(ValueError, match="pretrained_cfg_overlay"):
+        timm.create_model("vit_tiny_patch16_224_softcap.maskembed", pretrained=True)
+
+
+def test_export_timm_round_trips_through_hf_hub_offline(ckpt, tmp_path, hf_cache):
+    out = tmp_path / "export"
+    cfg = E.export(ckpt, out, "timm", num_images=8)
+    assert cfg["architecture"] == "vit_base_patch16_clip_quickgelu_224_softcap"
+    assert cfg["locality"]["feature_error"]["total"] == 0.0   # the same function, bit for bit
+    assert "library_name: timm" in (out / "README.md").read_text()
+    H.install_in_cache(out, "locality/tiny-aligned")
+    m = timm.create_model("hf-hub:locality/tiny-aligned", pretrained=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(features(m, x), reference(ckpt, x))
+    assert list(m.pretrained_cfg["mean"]) == C.read_config(ckpt)["encoder"]["mean"]
+
+
+@pytest.mark.skipif(not TIMM_1 or not hasattr(timm.models._hub, "load_model_config_from_path"),
+                    reason="timm's local-dir: model source is newer than this timm")
+def test_export_loads_from_a_local_dir(ckpt, tmp_path):
+    out = tmp_path / "export"
+    E.export(ckpt, out, "timm", num_images=4)
+    m = timm.create_model(f"local-dir:{out}", pretrained=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(features(m, x), reference(ckpt, x))
+
+
+def test_drop_softcap_is_stock_timm_when_the_cap_is_inactive(ckpt, tmp_path, hf_cache):
+    if not TIMM_1:
+        pytest.skip("timm 0.9.10 ignores config.json's model_args (the tiny model's overrides) for hf-hub: models")
+    out = tmp_path / "stock"
+    cfg = E.export(ckpt, out, "timm", drop_softcap=True, num_images=8)
+    assert cfg["architecture"] == "vit_base_patch16_clip_quickgelu_224"      # no package needed to load it
+    err = cfg["locality"]["feature_error"]["total"]
+    assert 0 < err < E.DEFAULT_TOLERANCE
+    assert json.loads((out / "config.json").read_text())["locality"]["feature_error"]["total"] == err
+    assert f"{err:.3e}" in (out / "README.md").read_text()
+    H.install_in_cache(out, "locality/tiny-stock")
+    m = timm.create_model("hf-hub:locality/tiny-stock", pretrained=True)
+    assert not any(isinstance(a, V.SoftCapAttention) for a in m.modules())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(features(m, x), reference(ckpt, x), atol=1e-2, rtol=1e-2)
+
+
+def test_drop_softcap_is_refused_when_the_cap_matters(tmp_path, capsys):
+    big = aligned(tmp_path, qk_gain=40.0, proj_gain=20.0, name="big")
+    with pytest.raises(SystemExit) as e:
+        E.main([str(big), str(tmp_path / "out"), "--drop-softcap", "--num-images", "8"])
+    assert e.value.code == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "--drop-softcap refused" in err[0] and "--tolerance" in err[0], err
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    # a tolerance the user raises lets it through, and the error is recorded
+    assert E.main([str(big), str(tmp_path / "out"), "--drop-softcap", "--num-images", "8", "--tolerance", "10"]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["locality"]["feature_error"]["total"] > 0.1
+
+
+@pytest.mark.parametrize("argv,culprit", [(["--format", "onnx"], "--format"), (["--tolerance", "0"], "--tolerance")])
+def test_export_bad_arguments_are_one_line(ckpt, tmp_path, capsys, argv, culprit):
+    with pytest.raises(SystemExit):
+        E.main([str(ckpt), str(tmp_path / "o"), *argv])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and culprit in err[0], err
+
+
+def _transformers():
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install '.[hf]')")
+    if not TIMM_1:
+        pytest.skip(f"transformers' TimmWrapper needs timm >= 1.0 (this is timm {timm.__version__})")
+    return transformers
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_transformers_automodel_gives_the_aligned_features(ckpt, tmp_path, drop):
+    transformers = _transformers()
+    out = tmp_path / "hf"
+    E.export(ckpt, out, "transformers", drop_softcap=drop, num_images=4)
+    assert "library_name: transformers" in (out / "README.md").read_text()
+    model = transformers.AutoModel.from_pretrained(str(out)).eval()
+    assert type(model).__name__ == "TimmWrapperModel"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = model(pixel_values=x).last_hidden_state
+    if drop:
+        torch.testing.assert_close(got, reference(ckpt, x), atol=1e-2, rtol=1e-2)
+    else:
+        assert (got - reference(ckpt, x)).abs().max() <= 1e-6
