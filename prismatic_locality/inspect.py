@@ -9,7 +9,9 @@ image set (default: demo scenes, or any ImageFolder):
   with |s| above 5, 10, 20 (with cap 30, ``cap * tanh(s / cap)`` is below s by 0.9 %, 3.5 % and
   12.6 % there) and the largest |s| seen;
 - the relative error of the final features when the cap is removed at inference
-  (||f_nocap - f|| / ||f|| over all images and tokens, and the worst single image).
+  (||f_nocap - f|| / ||f|| over all images and tokens, and the worst single image);
+- with ``--probe``, the local probe's macro recall (the probing benchmark's head, demo scenes) with
+  and without the cap.
 
 Outputs (atomic): ``inspect.json``, ``inspect.txt`` (the table) and ``inspect.png``.
 """
@@ -19,6 +21,7 @@ import argparse
 import copy
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -141,8 +144,7 @@ def inspect_encoder(encoder: torch.nn.Module, images: torch.Tensor, batch_size: 
     with stats:
         for x in images.split(batch_size):
             aligned_features(encoder, x)
-    uncapped = copy.deepcopy(encoder)
-    V.set_softcap(uncapped, 0)
+    uncapped = _uncapped(encoder)
     return {
         "softcap": cap,
         "images": int(images.shape[0]),
@@ -150,6 +152,41 @@ def inspect_encoder(encoder: torch.nn.Module, images: torch.Tensor, batch_size: 
         "blocks": stats.rows(),
         "uncapped_feature_error": feature_error(uncapped, images, encoder, batch_size),
     }
+
+
+@torch.no_grad()
+def _uncapped(encoder: torch.nn.Module) -> torch.nn.Module:
+    m = copy.deepcopy(encoder)
+    V.set_softcap(m, 0)
+    return m
+
+
+def probe_change(encoder: torch.nn.Module, work_dir: Path, n_train: int = 1000, n_val: int = 500,
+                 epochs: int = 5, seed: int = 0) -> dict:
+    """Local probe macro recall (the probing benchmark's head and metric, demo scenes) with and without
+    the cap; ``delta_points`` = 100 · (uncapped − capped). Scenes and feature caches go in `work_dir`."""
+    from .demo import scenes as S
+    from .probe.backbone import Backbone
+    from .probe.datasets import ProbeDataset
+    from .probe.features import build_split
+    from .probe.train import HeadConfig, OptimConfig, fit_probe
+
+    root = Path(work_dir) / "scenes"
+    S.build_dataset(root, n_train, n_val, seed, progress=False)
+    spec = V.vit_spec(encoder)
+    optim = OptimConfig(lr=2e-3, epochs=epochs, batch_size=32, warmup_steps=50, precision="fp32")
+    recall = {}
+    for name, enc in (("capped", encoder), ("uncapped", _uncapped(encoder))):
+        backbone = Backbone(enc, "aligned", name)
+        splits = {split: build_split(ProbeDataset("demo", root, split, spec.img_size, spec.patch_size), backbone,
+                                     Path(work_dir) / "cache", batch_size=64, num_workers=0, device="cpu",
+                                     precision="fp32", desc=f"{name} {split}")
+                  for split in S.SPLITS}
+        r, _ = fit_probe(splits["train"], splits["val"], "local", spec.num_heads, HeadConfig(), optim, seed, "cpu",
+                         desc=f"{name} ")
+        recall[name] = float(r["macro_recall"])
+    return {"task": "local", "scenes": {"train": n_train, "val": n_val, "seed": seed}, "epochs": epochs,
+            "macro_recall": recall, "delta_points": round(100 * (recall["uncapped"] - recall["capped"]), 2)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +203,10 @@ def table(result: dict) -> str:
         lines.append(f"{r['block']:>5} {fr} {r['max_abs']:>9.3f} {r['mean_abs']:>9.3f}")
     e = result["uncapped_feature_error"]
     lines.append(f"cap removed at inference: relative feature error {e['total']:.3e} (worst image {e['max_image']:.3e})")
+    if "probe" in result:
+        pr = result["probe"]
+        lines.append(f"local probe macro recall: {100 * pr['macro_recall']['capped']:.2f} with the cap, "
+                     f"{100 * pr['macro_recall']['uncapped']:.2f} without ({pr['delta_points']:+.2f} points)")
     return "\n".join(lines) + "\n"
 
 
@@ -234,14 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="demo scenes' seed")
     p.add_argument("--output-dir", default=None, help="default: <checkpoint>-inspect beside the checkpoint")
+    p.add_argument("--probe", action="store_true",
+                   help="also train local probes (demo scenes) with and without the cap: the change in macro recall")
+    p.add_argument("--probe-train", type=int, default=1000, help="--probe: train scenes (default %(default)s)")
+    p.add_argument("--probe-val", type=int, default=500, help="--probe: val scenes (default %(default)s)")
+    p.add_argument("--probe-epochs", type=int, default=5, help="--probe: head epochs (default %(default)s)")
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    if args.num_images <= 0 or args.batch_size <= 0:
-        p.error(f"--num-images and --batch-size must be > 0, got {args.num_images}/{args.batch_size}")
+    for name in ("num_images", "batch_size", "probe_train", "probe_val", "probe_epochs"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     from .checkpoint import CheckpointError, check_output_dir, load_aligned
 
     ckpt = Path(args.checkpoint)
@@ -251,6 +298,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         model = load_aligned(ckpt, attn_impl="math")
         images, source = load_images(model.encoder, args.images, args.num_images, args.seed)
         result = {"checkpoint": str(ckpt), "image_set": source, **inspect_encoder(model.encoder, images, args.batch_size)}
+        if args.probe:
+            with tempfile.TemporaryDirectory(prefix="locality-inspect-") as work:
+                result["probe"] = probe_change(model.encoder, Path(work), args.probe_train, args.probe_val,
+                                               args.probe_epochs, args.seed)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         p.exit(1, f"locality inspect: error: {e}\n")
     write_outputs(out, result)

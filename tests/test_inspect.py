@@ -114,3 +114,17 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, culprit):
     assert e.value.code in (1, 2)
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and culprit in err[0], err
+
+
+@pytest.mark.slow
+def test_probe_change_with_and_without_the_cap(tmp_path, one_thread):
+    """--probe: the benchmark's local probe on demo scenes, for the capped and the uncapped encoder."""
+    ckpt = aligned(tmp_path, qk_gain=40.0, proj_gain=20.0)
+    out = tmp_path / "out"
+    assert I.main([str(ckpt), "--num-images", "4", "--output-dir", str(out), "--probe",
+                   "--probe-train", "64", "--probe-val", "32", "--probe-epochs", "1"]) == 0
+    pr = json.loads((out / "inspect.json").read_text())["probe"]
+    rc, ru = pr["macro_recall"]["capped"], pr["macro_recall"]["uncapped"]
+    assert 0 <= rc <= 1 and 0 <= ru <= 1 and rc != ru      # the cap matters here, so the probes differ
+    assert pr["delta_points"] == round(100 * (ru - rc), 2)
+    assert "local probe macro recall" in (out / "inspect.txt").read_text()
