@@ -50,7 +50,8 @@ def export_config(enc_cfg: dict, drop_softcap: bool, fmt: str, extra: dict) -> d
     model_args = {"img_size": enc_cfg["img_size"], **enc_cfg.get("timm_kwargs", {})}
     if drop_softcap:
         architecture = base
-        model_args["global_pool"] = ""  # per-token features and head, as the aligned encoder
+        # per-token head as the aligned encoder's, unless the teacher's pooling decides its norms (fc_norm)
+        model_args.setdefault("global_pool", "")
     else:
         architecture = H.aligned_arch(base)
         model_args.update(softcap=enc_cfg["softcap"], norm_eps=enc_cfg.get("norm_eps", H.DEFAULT_NORM_EPS))

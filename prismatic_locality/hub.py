@@ -139,8 +139,11 @@ def create_aligned(base: str, pretrained: bool = False, pretrained_cfg=None, pre
     norm_eps = float(kwargs.pop("norm_eps", DEFAULT_NORM_EPS))
     attn_impl = kwargs.pop("attn_impl", "auto")
     num_classes = kwargs.pop("num_classes", None)
-    kwargs.pop("global_pool", None)  # always per token: the aligned features have no pooling
 
+    # the preprocessing part of an overlay also configures the base (NaFlex takes its resolution from it)
+    base_overlay = {k: v for k, v in (pretrained_cfg_overlay or {}).items() if k in _PREPROCESSING}
+    if base_overlay:
+        kwargs["pretrained_cfg_overlay"] = {**base_overlay, **kwargs.get("pretrained_cfg_overlay", {})}
     vit = V.create_vit(base, pretrained=False, **kwargs)
     # timm's own rule: the pretrained cfg's num_classes unless the call says otherwise (0 = features only)
     head_out = int(cfg.num_classes or 0) if num_classes is None else int(num_classes)

@@ -1,4 +1,5 @@
 """Aligned backbones outside this package: timm names, hub directories, transformers, `locality export`."""
+import copy
 import json
 
 import pytest
@@ -151,3 +152,57 @@ def test_transformers_automodel_gives_the_aligned_features(ckpt, tmp_path, drop)
         torch.testing.assert_close(got, reference(ckpt, x), atol=1e-2, rtol=1e-2)
     else:
         assert (got - reference(ckpt, x)).abs().max() <= 1e-6
+
+
+FAMILY_CASES = ["dinov3", "pe_core", "eva02_clip", "eva02_fused", "aimv2", "radio", "avgpool", "naflex_siglip2", "vitamin"]
+
+
+@pytest.mark.parametrize("family", FAMILY_CASES)
+def test_every_family_inspects_exports_and_loads_by_name(family, tmp_path):
+    """Each ViT family the adapter aligns: inspect (a huge cap costs nothing to remove), the registered
+    name with the aligned file, and the exported directory all give load_aligned's features."""
+    from prismatic_locality.decoder import MaskEmbedDecoder
+    from prismatic_locality.inspect import inspect_encoder
+    from prismatic_locality.maskembed import default_decoder_config, make_encoder
+
+    from test_families import FAMILIES, build, images
+
+    vit = build(family)
+    name, kw = FAMILIES[family]
+    x = images(vit)
+    for cap in (30.0, 1e9):
+        enc = make_encoder(copy.deepcopy(vit), 24, softcap=cap, attn_impl="math")
+        with torch.no_grad():
+            for p in enc.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        dec = MaskEmbedDecoder(default_decoder_config(V.vit_spec(vit), V.vit_spec(enc), width=24))
+        ckpt = C.save_aligned(tmp_path / f"ckpt{cap:g}", enc, dec, model_name=name, softcap=cap, timm_kwargs=kw)
+        r = inspect_encoder(C.load_aligned(ckpt, attn_impl="math").encoder, x)
+        assert len(r["blocks"]) == V.vit_spec(vit).depth and r["blocks"][0]["max_abs"] > 0
+        if cap > 1e6:
+            assert r["uncapped_feature_error"]["total"] < 1e-6
+    ref = reference(ckpt, x)
+    m = timm.create_model(H.aligned_arch(name) + ".maskembed", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(ckpt / "model.safetensors")))
+    assert torch.equal(features(m, x), ref)
+    out = E.export(ckpt, tmp_path / "export", "timm", num_images=4)
+    assert out["locality"]["feature_error"]["total"] == 0.0
+    exported = E.exported_model(tmp_path / "export")
+    assert torch.equal(features(exported, x), ref)
+    assert exported.pretrained_cfg["input_size"][-1] == V.vit_spec(vit).img_size
+
+
+@pytest.mark.parametrize("order", ["prismatic_locality, timm", "timm, prismatic_locality"])
+def test_registration_in_either_import_order_and_the_package_import_stays_light(order):
+    """`import prismatic_locality` alone imports neither torch nor timm (the CLI starts instantly); once
+    timm is imported, before or after, the aligned architectures are registered."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport prismatic_locality\nlight = 'torch' not in sys.modules\n" if order.startswith("p") else
+            "import sys\nlight = True\n")
+    code += f"import {order}\nprint(light, timm.is_model('vit_tiny_patch16_224_softcap'))"
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.stdout.split() == ["True", "True"], (r.stdout, r.stderr[-2000:])
