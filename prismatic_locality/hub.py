@@ -30,7 +30,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import vit as V
+# No module-level import of `vit` (or anything importing timm): `register` runs right after timm's own
+# import, which importing this module must therefore not trigger (it would find this module half-built).
 
 SUFFIX = "_softcap"     # architecture: the base architecture with soft-capped attention and the head
 TAG = "maskembed"       # pretrained tag: weights come from a file or a hub directory
@@ -116,6 +117,7 @@ def create_aligned(base: str, pretrained: bool = False, pretrained_cfg=None, pre
     """The timm entry point of ``<base>_softcap`` (see the module docstring)."""
     from timm.models._builder import resolve_pretrained_cfg
 
+    from . import vit as V
     from .maskembed import make_encoder
 
     kwargs.pop("pretrained_model_args", None)  # timm >= 1.0's record of model_args, already merged into kwargs
@@ -193,6 +195,8 @@ _registered: set[str] = set()
 def register(bases: Optional[list[str]] = None) -> list[str]:
     """Register ``<base>_softcap`` (tag ``maskembed``) with timm for each base (default: every timm ViT
     architecture of this timm version); returns the architecture names registered now. Idempotent."""
+    from . import vit as V
+
     from timm.models import register_model
     from timm.models._registry import generate_default_cfgs
 

@@ -161,10 +161,11 @@ def _uncapped(encoder: torch.nn.Module) -> torch.nn.Module:
     return m
 
 
-def probe_change(encoder: torch.nn.Module, work_dir: Path, n_train: int = 1000, n_val: int = 500,
-                 epochs: int = 5, seed: int = 0) -> dict:
-    """Local probe macro recall (the probing benchmark's head and metric, demo scenes) with and without
-    the cap; ``delta_points`` = 100 · (uncapped − capped). Scenes and feature caches go in `work_dir`."""
+def probe_change(encoder: torch.nn.Module, work_dir: Path, n_train: int = 3000, n_val: int = 1000,
+                 epochs: int = 10, seed: int = 0) -> dict:
+    """Local probe macro recall (the probing benchmark's head and metric, demo scenes; the demo's probe
+    sizes by default) with and without the cap; ``delta_points`` = 100 · (uncapped − capped). Scenes and
+    feature caches go in `work_dir`."""
     from .demo import scenes as S
     from .probe.backbone import Backbone
     from .probe.datasets import ProbeDataset
@@ -277,9 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="default: <checkpoint>-inspect beside the checkpoint")
     p.add_argument("--probe", action="store_true",
                    help="also train local probes (demo scenes) with and without the cap: the change in macro recall")
-    p.add_argument("--probe-train", type=int, default=1000, help="--probe: train scenes (default %(default)s)")
-    p.add_argument("--probe-val", type=int, default=500, help="--probe: val scenes (default %(default)s)")
-    p.add_argument("--probe-epochs", type=int, default=5, help="--probe: head epochs (default %(default)s)")
+    p.add_argument("--probe-train", type=int, default=3000, help="--probe: train scenes (default %(default)s)")
+    p.add_argument("--probe-val", type=int, default=1000, help="--probe: val scenes (default %(default)s)")
+    p.add_argument("--probe-epochs", type=int, default=10, help="--probe: head epochs (default %(default)s)")
     return p
 
 

@@ -192,10 +192,14 @@ def test_every_family_inspects_exports_and_loads_by_name(family, tmp_path):
     assert exported.pretrained_cfg["input_size"][-1] == V.vit_spec(vit).img_size
 
 
-@pytest.mark.parametrize("order", ["prismatic_locality, timm", "timm, prismatic_locality"])
+@pytest.mark.parametrize("order", ["prismatic_locality, timm", "timm, prismatic_locality",
+                                   "prismatic_locality, prismatic_locality.export, timm",
+                                   "prismatic_locality, prismatic_locality.hub, timm",
+                                   "prismatic_locality, prismatic_locality.inspect, timm"])
 def test_registration_in_either_import_order_and_the_package_import_stays_light(order):
     """`import prismatic_locality` alone imports neither torch nor timm (the CLI starts instantly); once
-    timm is imported, before or after, the aligned architectures are registered."""
+    timm is imported, before or after, directly or by one of our modules (`locality export` imports
+    timm through hub), the aligned architectures are registered."""
     import os
     import subprocess
     import sys
