@@ -26,18 +26,26 @@ def _register_with_timm() -> None:
 
 class _AfterTimmImport(importlib.abc.MetaPathFinder):
     """Finds nothing itself: when timm is imported, it lets the normal finders locate it and runs
-    `_register_with_timm` right after timm's module has executed."""
+    `_register_with_timm` right after timm's module has executed. It stays in place until then, as
+    ``importlib.util.find_spec("timm")`` (transformers' availability check) asks without importing."""
+
+    _busy = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "timm":
+        if name != "timm" or self._busy:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("timm")
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec("timm")
+        finally:
+            self._busy = False
         if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
             exec_module = spec.loader.exec_module
 
             def exec_then_register(module):
                 exec_module(module)
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 _register_with_timm()
 
             spec.loader.exec_module = exec_then_register

@@ -195,7 +195,8 @@ def test_every_family_inspects_exports_and_loads_by_name(family, tmp_path):
 @pytest.mark.parametrize("order", ["prismatic_locality, timm", "timm, prismatic_locality",
                                    "prismatic_locality, prismatic_locality.export, timm",
                                    "prismatic_locality, prismatic_locality.hub, timm",
-                                   "prismatic_locality, prismatic_locality.inspect, timm"])
+                                   "prismatic_locality, prismatic_locality.inspect, timm",
+                                   "prismatic_locality, importlib.util; importlib.util.find_spec('timm'); import timm"])
 def test_registration_in_either_import_order_and_the_package_import_stays_light(order):
     """`import prismatic_locality` alone imports neither torch nor timm (the CLI starts instantly); once
     timm is imported, before or after, directly or by one of our modules (`locality export` imports
@@ -210,3 +211,23 @@ def test_registration_in_either_import_order_and_the_package_import_stays_light(
     r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert r.stdout.split() == ["True", "True"], (r.stdout, r.stderr[-2000:])
+
+
+def test_transformers_in_a_fresh_process_after_import_prismatic_locality(ckpt, tmp_path):
+    """The documented lines, in a process where nothing imported timm before transformers did."""
+    import os
+    import subprocess
+    import sys
+
+    _transformers()
+    out = tmp_path / "hf"
+    E.export(ckpt, out, "transformers", num_images=4)
+    x = torch.randn(2, 3, 32, 32)
+    torch.save({"x": x, "ref": reference(ckpt, x)}, tmp_path / "ref.pt")
+    code = ("import torch, prismatic_locality\nfrom transformers import AutoModel\n"
+            f"m = AutoModel.from_pretrained({str(out)!r}).eval()\nd = torch.load({str(tmp_path / 'ref.pt')!r})\n"
+            "with torch.no_grad():\n    print(float((m(pixel_values=d['x']).last_hidden_state - d['ref']).abs().max()))")
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.split()[-1]) <= 1e-6
