@@ -216,6 +216,7 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     blocks = [r["block"] for r in result["blocks"]]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -235,6 +236,8 @@ def plot(result: dict, path: Path) -> None:
     b.set_ylabel("largest |s|")
     b.legend(fontsize=8)
     e = result["uncapped_feature_error"]["total"]
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"attention logits before the cap; cap removed: relative feature error {e:.2e}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
