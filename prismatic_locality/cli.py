@@ -18,6 +18,8 @@ COMMANDS = {
     # the demo's arguments are parsed before torch is imported, so a usage error is instant
     "demo": ("prismatic_locality.demo.args", "the paper in miniature on a laptop CPU, end to end"),
     "convert": ("prismatic_locality.convert", "convert the paper's released .pth.tar checkpoints"),
+    "inspect": ("prismatic_locality.inspect", "attention logits per block, and the feature error with the soft-cap removed"),
+    "export": ("prismatic_locality.export", "hub-ready timm / transformers directory of an aligned backbone"),
     "vlm-compare": ("prismatic_locality.vlm_compare", "compare vlm-evaluation results across models"),
 }
 

@@ -29,6 +29,20 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+# Defined before `import timm`: `prismatic_locality.hub` registers aligned architectures right after timm is
+# imported (package __init__), which may happen during this very import.
+# timm modules whose architectures are ViTs of the classes above (the hub registration gives each an
+# aligned variant; MaskEmbed still checks each model it builds, `vit_spec(strict=True)`)
+TIMM_VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "eva", "naflexvit", "vitamin")
+
+
+def vit_architectures() -> list[str]:
+    """timm architecture names (no pretrained tags) defined in `TIMM_VIT_MODULES`, on this timm version."""
+    from timm.models import _registry
+
+    return sorted(n for n in _registry._model_entrypoints if _registry._model_to_module.get(n) in TIMM_VIT_MODULES)
+
+
 import timm
 import torch
 import torch.nn as nn
@@ -293,12 +307,15 @@ _compiled_flex = None
 
 
 def softcap_attention(q, k, v, scale: float, cap: float, impl: str = "auto") -> torch.Tensor:
-    """softmax(cap * tanh(q k^T * scale / cap)) v for (B, H, N, d) tensors.
+    """softmax(cap * tanh(q k^T * scale / cap)) v for (B, H, N, d) tensors (plain softmax for cap <= 0).
 
     ``impl``: ``"math"`` materialises the logits (exact, any device); ``"flex"`` uses FlexAttention
     with a score_mod (fused, CUDA); ``"auto"`` picks flex on CUDA when available.
     """
     global _compiled_flex
+    if not cap or cap <= 0:  # the cap removed (inference-time inspection, cap-dropped exports): plain softmax
+        logits = (q * scale) @ k.transpose(-2, -1)
+        return logits.softmax(dim=-1) @ v
     if impl == "auto":
         impl = "flex" if (q.is_cuda and _flex_attention() is not None) else "math"
     if impl == "flex":
@@ -383,11 +400,8 @@ class SoftCapAttention(nn.Module):
         kw = {"half": True} if self.rotate_half else {}  # timm 0.9.10's apply_rot_embed_cat has no `half`
         return torch.cat([t[:, :, :npt, :], apply_rot_embed_cat(t[:, :, npt:, :], rope, **kw)], dim=2).type_as(like)
 
-    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask=None,
-                is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("SoftCapAttention does not take attention masks")
-        B, N, _ = x.shape
+    def heads(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, heads, N, head_dim) as the family computes them: q/k norms, RoPE, grouped kv repeated."""
         q, k, v = self._qkv(x)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -395,6 +409,19 @@ class SoftCapAttention(nn.Module):
         if self.num_kv_heads != self.num_heads:
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return q, k, v
+
+    def logits(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention logits s = q k^T * scale (B, heads, N, N) *before* the cap: what the cap acts on."""
+        q, k, _ = self.heads(x, rope)
+        return (q * self.scale) @ k.transpose(-2, -1)
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask=None,
+                is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("SoftCapAttention does not take attention masks")
+        B, N, _ = x.shape
+        q, k, v = self.heads(x, rope)
         x = softcap_attention(q, k, v, self.scale, self.cap, self.impl)
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         x = self.norm(x)
@@ -413,6 +440,25 @@ def apply_softcap(model: nn.Module, cap: float = 30.0, impl: str = "auto") -> nn
             else:
                 blk.attn = SoftCapAttention(blk.attn, cap=cap, impl=impl)
     return model
+
+
+def set_softcap(model: nn.Module, cap: float) -> int:
+    """Change the cap of every `SoftCapAttention` in place (0 = removed: plain softmax attention, same
+    parameters); returns how many modules were changed. For measuring what the cap does after training."""
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, SoftCapAttention):
+            m.cap = float(cap)
+            changed += 1
+    return changed
+
+
+def softcap_of(model: nn.Module) -> float:
+    """The model's attention soft-cap (0 when its attention is not capped)."""
+    caps = {float(m.cap) for m in model.modules() if isinstance(m, SoftCapAttention)}
+    if len(caps) > 1:
+        raise ValueError(f"'{model_name(model)}' has blocks with different soft-caps {sorted(caps)}")
+    return caps.pop() if caps else 0.0
 
 
 def set_attention_impl(model: nn.Module, impl: str) -> None:
@@ -639,6 +685,8 @@ def vit_flops_per_image(spec: ViTSpec, num_blocks: Optional[int] = None) -> floa
 
 __all__ = [
     "create_vit",
+    "TIMM_VIT_MODULES",
+    "vit_architectures",
     "read_state_dict",
     "load_timm_weights",
     "ViTSpec",
@@ -646,6 +694,8 @@ __all__ = [
     "SoftCapAttention",
     "softcap_attention",
     "apply_softcap",
+    "set_softcap",
+    "softcap_of",
     "set_attention_impl",
     "null_patch_token",
     "embed",

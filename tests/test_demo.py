@@ -90,3 +90,23 @@ def test_quick_demo_writes_a_well_formed_report(tmp_path):
     md = (out / "report.md").read_text()
     assert f"{100 * res['recall']['teacher']['local']:.1f}" in md and "recall.png" in md
     assert (out / "align" / "aligned" / "model.safetensors").is_file()
+
+
+def test_demo_softcap_reaches_the_trainer(tmp_path, monkeypatch):
+    """`locality demo --softcap 0` aligns without the cap (the trainer's `encoder.softcap`)."""
+    import prismatic_locality.align.train as AT
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(cfg):
+        seen["softcap"] = cfg.encoder.softcap
+        raise Stop
+
+    monkeypatch.setattr(AT, "train", fake_train)
+    for argv, cap in (([], 30.0), (["--softcap", "0"], 0.0)):
+        with pytest.raises(Stop):
+            D.main(["--quick", "--out", str(tmp_path / "demo"), *argv])
+        assert seen["softcap"] == cap

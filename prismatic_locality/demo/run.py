@@ -139,6 +139,7 @@ def align(args, sizes: Sizes, out: Path, scenes_root: Path, teacher_path: Path,
     ckpt = train(cfg)
     training = read_config(ckpt).get("training", {})
     return ckpt, {"checkpoint": str(ckpt), "recipe": cfg.recipe, "precision": cfg.precision,
+                  "softcap": cfg.encoder.softcap,
                   "steps": cfg.max_steps, "batch": cfg.global_batch, "lr": cfg.optim.lr,
                   "last_loss": training.get("last_loss"), "val_loss": training.get("val_loss")}
 
@@ -213,7 +214,7 @@ def run(args) -> dict:
     timing: dict = {}
     n = 5
     cmd = "locality demo" + (f" --seed {args.seed}" if args.seed else "") + (" --quick" if args.quick else "") \
-        + f" --precision {args.precision}"
+        + f" --precision {args.precision}" + (f" --softcap {args.softcap:g}" if args.softcap != 30.0 else "")
 
     with Stage(timing, "scenes", 1, n, f"digit scenes: {sizes.n_train} train / {sizes.n_val} val"):
         scenes_root = out / "scenes"
@@ -223,7 +224,8 @@ def run(args) -> dict:
         print(f"      its own head: {100 * teacher_info['own_head_global_recall']:.1f}% global macro recall "
               f"({100 * teacher_info['own_head_global_recall_masked']:.1f}% on randomly masked scenes)")
     with Stage(timing, "align", 3, n, f"MaskEmbed alignment (trainer, `{args.recipe}` recipe)"):
-        ckpt, align_info = align(args, sizes, out, scenes_root, teacher_path)
+        ckpt, align_info = align(args, sizes, out, scenes_root, teacher_path,
+                                 overrides={"encoder.softcap": args.softcap})
     with Stage(timing, "probe", 4, n, "probing teacher and aligned model (local + global)"):
         from ..probe.backbone import Backbone, BackboneConfig, load_backbone
 
