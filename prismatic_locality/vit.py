@@ -38,6 +38,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 from .activations import act_name
+from .choices import ATTN_IMPLS
 
 # --------------------------------------------------------------------------------------------
 # Creation
@@ -310,7 +311,7 @@ def softcap_attention(q, k, v, scale: float, cap: float, impl: str = "auto") -> 
 
         return _compiled_flex(q, k, v, score_mod=score_mod, scale=scale)
     if impl != "math":
-        raise ValueError(f"unknown attention impl '{impl}' (auto | flex | math)")
+        raise ValueError(f"unknown attention impl '{impl}' ({' | '.join(ATTN_IMPLS)})")
     logits = (q * scale) @ k.transpose(-2, -1)
     logits = cap * torch.tanh(logits / cap)
     return logits.softmax(dim=-1) @ v
@@ -413,12 +414,6 @@ def apply_softcap(model: nn.Module, cap: float = 30.0, impl: str = "auto") -> nn
             else:
                 blk.attn = SoftCapAttention(blk.attn, cap=cap, impl=impl)
     return model
-
-
-def set_attention_impl(model: nn.Module, impl: str) -> None:
-    for m in model.modules():
-        if isinstance(m, SoftCapAttention):
-            m.impl = impl
 
 
 def set_fused_attention(model: nn.Module, enabled: bool) -> int:
@@ -646,7 +641,6 @@ __all__ = [
     "SoftCapAttention",
     "softcap_attention",
     "apply_softcap",
-    "set_attention_impl",
     "null_patch_token",
     "embed",
     "rope_embed",

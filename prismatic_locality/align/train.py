@@ -1,10 +1,20 @@
 """The MaskEmbed trainer: ``locality align`` / ``torchrun scripts/align.py`` / ``train(cfg)``.
 
-One optimiser step = one global batch of G images = micro_batch x accumulation x world size.
-For every micro-batch: the teacher h computes targets on the masked images, the encoder f_θ runs
-once on the clean images, the decoder g_ψ reconstructs the targets from the masked embeddings
-(`maskembed.MaskEmbed`); the loss is back-propagated under DDP ``no_sync`` except on the last
-micro-batch; then grad-norm clip, AdamW, cosine lr (spec A.0, A.8).
+One optimiser step (`train_step`) is Eq. 1 on one global batch of G images = micro_batch x
+accumulation x world size: for every micro-batch the frozen teacher h computes the targets on the
+masked images, the student (encoder f_θ + decoder g_ψ, `maskembed.MaskEmbed`) reconstructs them from
+the clean images' embeddings, the loss is back-propagated (under DDP ``no_sync`` except on the last
+micro-batch); then grad-norm clip, AdamW, cosine lr.
+
+`train` is set up in named parts, each a function or object below:
+
+    build_model      teacher h (frozen, on the device, cast, compiled: `build_teacher`) and student
+    build_data       seeded images, global batch order, mask sampler
+    Checkpointer     training state: restore-or-start, should_save, save; aligned exports
+    parallelize      the student's execution: attention kernel, activation checkpointing, DDP, compile
+    Metrics          metrics.jsonl (+ wandb) and the log window (throughput, MFU)
+    train_step       one optimiser update
+    _loop            steps, logging, validation, saving, stopping
 
 Everything random is a pure function of (seed, step) (see `data.dataset`), so a 2-process run
 equals a 1-process run at the same global batch, and a killed run resumed from its last training
@@ -27,8 +37,9 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import draccus
 import torch
@@ -39,17 +50,18 @@ from tqdm import tqdm
 
 from .. import precision as P
 from .. import vit as V
-from ..checkpoint import CheckpointError, check_output_dir, recover_dir, save_aligned
+from ..checkpoint import CheckpointError, save_aligned
 from ..data import RKRC, EvalTransform, GlobalBatchOrder, SeededImages, collate, open_source, surface_worker_errors
 from ..data.dataset import CROPPED, UNREADABLE
 from ..decoder import MaskEmbedDecoder
+from ..fileio import check_output_dir, recover_dir, write_text
 from ..maskembed import (MaskEmbed, Teacher, default_decoder_config, estimate_target_scale, make_encoder, peak_tflops,
                          train_flops_per_image)
-from ..masks import build_mask_sampler, step_generator
+from ..masks import MaskSampler, build_mask_sampler, step_generator
 from . import distributed as D
 from .config import AlignConfig, parse_config, to_dict, validate
 from .optim import build_optimizer, lr_at, set_lr
-from .state import config_mismatch, has_state, load_state, read_state_info, save_state
+from .state import config_mismatch, has_state, load_training_state, read_state_info, save_training_state
 
 log = logging.getLogger("prismatic_locality.align")
 
@@ -101,7 +113,49 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Building blocks
+# The step: Eq. 1 on one global batch
+# --------------------------------------------------------------------------------------------
+
+
+def train_step(student: nn.Module, teacher: Callable, optimizer: torch.optim.Optimizer, params: List[nn.Parameter],
+               micro_batches: Iterator[Tuple[torch.Tensor, torch.Tensor]], num_micro: int, max_norm: float,
+               autocast: Callable, info: D.DistInfo) -> Tuple[float, float]:
+    """One optimiser update on the global batch whose (images, masks) micro-batches this rank gets.
+
+    Returns the loss (mean over the global batch) and the gradient norm. A non-finite loss or
+    gradient (on any rank) leaves the weights untouched: the caller stops the run."""
+    loss_sum = torch.zeros((), device=info.device)
+    for j, (images, masks) in enumerate(micro_batches):
+        last = j == num_micro - 1
+        with contextlib.nullcontext() if last else no_sync(student):  # DDP all-reduces on the last one
+            with autocast():
+                target = teacher(images, masks)                  # h(x ⊙ m), frozen
+                loss = student(images, masks, target)            # ‖g_ψ(f_θ(x) ⊙ m) − h(x ⊙ m)‖²
+            (loss / num_micro).backward()
+        loss_sum += loss.detach() / num_micro
+    grad_norm = clip_grad_norm(params, max_norm)
+    loss_sum = D.all_reduce_sum(loss_sum.double().reshape(1), info)  # NaN/Inf on any rank stays so
+    loss, grad_norm = loss_sum.item() / info.world_size, grad_norm.item()
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def no_sync(model: nn.Module):
+    """DDP's "accumulate locally, do not all-reduce" context; nothing for a single process."""
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global grad-norm clip; with max_norm <= 0 only measures the norm."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+
+
+# --------------------------------------------------------------------------------------------
+# Setup: model, data, parallelism
 # --------------------------------------------------------------------------------------------
 
 
@@ -124,25 +178,54 @@ def build_teacher_vit(cfg: AlignConfig) -> nn.Module:
     return vit
 
 
-def build_model(cfg: AlignConfig, device: torch.device) -> MaskEmbed:
-    """Teacher h, encoder f_θ (a copy of the teacher) and decoder g_ψ; seeded, so every rank agrees."""
+def build_model(cfg: AlignConfig, device: torch.device) -> Tuple[MaskEmbed, Teacher]:
+    """Student (encoder f_θ, a copy of the teacher ViT, and decoder g_ψ) and teacher h; seeded, so
+    every rank agrees. The teacher is made ready to run by `build_teacher`."""
     torch.manual_seed(cfg.seed)
     vit = build_teacher_vit(cfg)
-    student = copy.deepcopy(vit)
-    teacher = Teacher(vit, target=cfg.teacher.target, masking=cfg.teacher.masking)
-    dcfg = default_decoder_config(teacher.spec, V.vit_spec(student), width=cfg.decoder.width,
+    student_vit = copy.deepcopy(vit)
+    teacher = Teacher(vit, target=cfg.teacher.target, masking=cfg.teacher.masking)  # frozen: eval, no grad
+    dcfg = default_decoder_config(teacher.spec, V.vit_spec(student_vit), width=cfg.decoder.width,
                                   depth=cfg.decoder.depth, init_values=cfg.decoder.init_values)
-    encoder = make_encoder(student, dcfg.width, softcap=cfg.encoder.softcap, attn_impl=cfg.encoder.attn_impl)
-    if cfg.encoder.grad_checkpointing:
-        encoder.set_grad_checkpointing(True)
-    model = MaskEmbed(encoder, MaskEmbedDecoder(dcfg), teacher, loss=cfg.loss).to(device)
+    encoder = make_encoder(student_vit, dcfg.width, softcap=cfg.encoder.softcap, attn_impl=cfg.encoder.attn_impl)
+    student = MaskEmbed(encoder, MaskEmbedDecoder(dcfg), loss=cfg.loss, pooled_target=cfg.teacher.target == "cls")
+    return student.to(device), teacher
+
+
+def build_teacher(teacher: Teacher, cfg: AlignConfig, device: torch.device) -> Teacher:
+    """The teacher, ready to run, in one place: on the device, its weights cast once to the teacher
+    dtype (it never trains), the CPU-bf16 attention path, compiled when asked."""
     teacher.to(device)
-    teacher.vit.to(P.teacher_dtype(cfg.teacher.dtype, cfg.precision, device))  # cast once; the teacher never trains
+    teacher.vit.to(P.teacher_dtype(cfg.teacher.dtype, cfg.precision, device))
+    P.switch_attention(cfg.precision, device, teacher.vit)
+    return torch.compile(teacher) if cfg.compile else teacher  # attributes (scale, spec) pass through
+
+
+def parallelize(student: MaskEmbed, cfg: AlignConfig, info: D.DistInfo) -> nn.Module:
+    """How the student runs, applied in this order (each step wraps the previous one's result):
+
+    1. attention kernel: timm's explicit path in the decoder for bf16 on CPU (the encoder's
+       soft-capped attention is explicit there already), `precision.switch_attention`;
+    2. activation checkpointing over the encoder blocks (in place: `vit.run_blocks` honours it);
+    3. DDP over the processes (gradients all-reduced in backward; buffers are not broadcast);
+    4. torch.compile of the DDP-wrapped module: the order torch documents for DDP, so dynamo can
+       split the graph at DDP's bucket boundaries and overlap the all-reduce with backward.
+
+    Returns the module the step calls; `student` itself stays the unwrapped module whose
+    state_dict is saved."""
+    P.switch_attention(cfg.precision, info.device, student.decoder)
+    if cfg.encoder.grad_checkpointing:
+        student.encoder.set_grad_checkpointing(True)
+    model: nn.Module = student
+    if info.distributed:
+        model = DDP(model, device_ids=[info.device] if info.device.type == "cuda" else None, broadcast_buffers=False)
+    if cfg.compile:
+        model = torch.compile(model)
     return model
 
 
 def data_transforms(cfg: AlignConfig, teacher: Teacher):
-    """Train/eval transforms at the teacher's resolution, normalised with its mean/std (spec A.9)."""
+    """Train/eval transforms at the teacher's resolution, normalised with its mean/std."""
     s = teacher.spec
     pcfg = getattr(teacher.vit, "pretrained_cfg", None) or {}
     interp = pcfg.get("interpolation", "bicubic")
@@ -156,8 +239,111 @@ def data_transforms(cfg: AlignConfig, teacher: Teacher):
     return train, evaluate
 
 
+@dataclass
+class Data:
+    """What the run reads: seeded train/held-out images, the global batch order, the mask sampler."""
+    train: SeededImages
+    val: Optional[SeededImages]
+    order: GlobalBatchOrder
+    sampler: MaskSampler
+    total_steps: int
+
+
+def build_data(cfg: AlignConfig, student: MaskEmbed, teacher: Teacher, info: D.DistInfo) -> Data:
+    sampler = build_mask_sampler(cfg.masks.kind, teacher.spec.grid, cfg.masks.complement, cfg.masks.null,
+                                 cfg.masks.keep_prob, cfg.masks.block_ratio)
+    if sampler.num_patches != V.vit_spec(student.encoder).num_patches:
+        raise ValueError("teacher and encoder patch grids differ")
+    train_tf, eval_tf = data_transforms(cfg, teacher)
+    train_set = SeededImages(open_source(cfg.data.root, cfg.data.train_split, cfg.data.format), train_tf, cfg.seed)
+    order = GlobalBatchOrder(len(train_set), cfg.global_batch, cfg.micro_batch, info.world_size, info.rank, cfg.seed)
+    val_set = None
+    if uses_target_scale(cfg) or cfg.validate:
+        val_set = SeededImages(open_source(cfg.data.root, cfg.data.val_split, cfg.data.format), eval_tf, cfg.seed)
+    total_steps = cfg.max_steps or max(1, round(cfg.epochs * order.steps_per_epoch))
+    return Data(train_set, val_set, order, sampler, total_steps)
+
+
+def uses_target_scale(cfg: AlignConfig) -> bool:
+    return cfg.target_scale == "on" or (cfg.target_scale == "auto" and cfg.loss == "mse")
+
+
+def train_micro_batches(cfg: AlignConfig, data: Data, start_step: int, device: torch.device) -> Iterator:
+    """(images, notes) for this rank's micro-batches, from `start_step` to the end of the run."""
+    loader = DataLoader(data.train, batch_sampler=data.order.micro_batches(start_step, data.total_steps),
+                        collate_fn=collate, num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=_ignore_stop_signals)
+    return surface_worker_errors(loader)
+
+
+def step_micro_batches(batches: Iterator, masks: torch.Tensor, order: GlobalBatchOrder, device: torch.device,
+                       notes: list) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """One step's (images, masks) micro-batches on the device; the data notes go to `notes`."""
+    for j in range(order.accum_steps):
+        images, batch_notes = next(batches)
+        notes += batch_notes
+        yield images.to(device, non_blocking=True), masks[j * order.micro_batch: (j + 1) * order.micro_batch]
+
+
+def val_batches(cfg: AlignConfig, data: Data, info: D.DistInfo, device: torch.device
+                ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the held-out batches (b ≡ rank mod world), masks seeded by batch index,
+    so the masks an image gets are the same every epoch and for every world size."""
+    dataset = data.val
+    n = len(dataset) if cfg.data.val_max_images is None else min(len(dataset), cfg.data.val_max_images)
+    vb = cfg.data.val_batch_size
+    num_batches = math.ceil(n / vb)
+    if num_batches < info.world_size:
+        raise ValueError(f"config field 'data.val_batch_size': {n} held-out images make {num_batches} batches of "
+                         f"{vb}, fewer than the {info.world_size} processes; lower it")
+    mine = [[(0, i) for i in range(b * vb, min(n, (b + 1) * vb))] for b in range(info.rank, num_batches, info.world_size)]
+    loader = DataLoader(dataset, batch_sampler=mine, collate_fn=collate, num_workers=cfg.data.workers,
+                        pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals)
+    for b, (images, notes) in zip(range(info.rank, num_batches, info.world_size), surface_worker_errors(loader)):
+        for _, _, message in notes:
+            log.warning("held-out data: %s", message)
+        masks = data.sampler(images.shape[0], step_generator(cfg.seed, b, device, stream=VAL_STREAM))
+        yield images.to(device, non_blocking=True), masks
+
+
+@torch.no_grad()
+def validation_loss(student: MaskEmbed, teacher: Callable, batches, autocast, info: D.DistInfo,
+                    device: torch.device) -> float:
+    student.eval()
+    acc = torch.zeros(2, dtype=torch.float64, device=device)
+    for images, masks in batches:
+        with autocast():
+            loss = student(images, masks, teacher(images, masks))
+        acc += torch.stack([loss.double() * images.shape[0], torch.tensor(float(images.shape[0]), dtype=torch.float64, device=device)])
+    student.train()
+    D.all_reduce_sum(acc, info)
+    return (acc[0] / acc[1]).item()
+
+
+def record_new_files(notes: list, seen: dict, info: D.DistInfo, any_new: bool) -> None:
+    """Add the files named in `notes` to `seen` (kind -> set of files), on every rank (the union of
+    all ranks' notes when `any_new` says some rank has new ones), and log each file once."""
+    new = sorted({(kind, name, msg) for kind, name, msg in notes if name not in seen[kind]})
+    if info.distributed and any_new:
+        gathered = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, new)
+        new = sorted({note for rank_notes in gathered for note in rank_notes})
+    for kind, name, message in new:
+        if name not in seen[kind]:
+            seen[kind].add(name)
+            if info.is_main:
+                log.warning("%s", message)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics logger
+# --------------------------------------------------------------------------------------------
+
+
 class Metrics:
-    """metrics.jsonl (+ wandb when enabled and installed), main process only.
+    """metrics.jsonl (+ wandb when enabled and installed), main process only, and the log window:
+    the steps since the last record, whose mean loss and throughput (img/s, TFLOP/s, MFU) the next
+    record reports. Validation and saving are set aside (`aside`), not counted as training time.
 
     A resumed run continues the same wandb run: its id is kept in the training state. Steps the
     crashed run had already logged past its last saved state are not logged again (wandb keeps
@@ -166,17 +352,18 @@ class Metrics:
     """
 
     def __init__(self, path: Path, enabled: bool, resume_step: Optional[int], cfg: AlignConfig,
-                 wandb_run_id: Optional[str] = None):
+                 wandb_run_id: Optional[str] = None, window: Optional[dict] = None):
         self.path, self.enabled, self.wandb = path, enabled, None
+        # the log window open when the state was saved, so the first record after a resume averages the same steps
+        window = window or {"steps": 0, "loss": 0.0, "seconds": 0.0}
+        self.window_t, self.window_steps, self.window_loss = time.time() - window["seconds"], window["steps"], window["loss"]
         if not enabled:
             return
         if resume_step is None:
             path.unlink(missing_ok=True)
         elif path.exists():  # drop what the interrupted run logged after its last saved state
             keep = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            os.replace(tmp, path)
+            write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
         if cfg.wandb:
             try:
                 import wandb
@@ -189,6 +376,33 @@ class Metrics:
     @property
     def wandb_run_id(self) -> Optional[str]:
         return self.wandb.id if self.wandb is not None else None
+
+    def add_step(self, loss: float) -> None:
+        self.window_steps += 1
+        self.window_loss += loss
+
+    def close_window(self, images_per_step: int, flops_per_image: float, world_size: int,
+                     peak: Optional[float]) -> dict:
+        """The window's mean loss and throughput; starts the next window."""
+        elapsed = max(time.time() - self.window_t, 1e-9)
+        rate = self.window_steps * images_per_step / elapsed
+        tflops = rate * flops_per_image / world_size / 1e12  # per process
+        out = {"loss": self.window_loss / self.window_steps, "img_per_s": rate, "tflops_per_proc": tflops,
+               "mfu": tflops / peak if peak else None}
+        self.window_t, self.window_steps, self.window_loss = time.time(), 0, 0.0
+        return out
+
+    def window_state(self) -> dict:
+        return {"steps": self.window_steps, "loss": self.window_loss, "seconds": time.time() - self.window_t}
+
+    @contextlib.contextmanager
+    def aside(self):
+        """Time spent in the block (validation, saving) is not training throughput."""
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.window_t += time.time() - t
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -234,88 +448,89 @@ def read_metrics(path: Path) -> List[dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# Held-out data: target scale and validation loss
+# Checkpointer: restore-or-start, should-save, save, export
 # --------------------------------------------------------------------------------------------
 
 
-def val_batches(cfg: AlignConfig, dataset: SeededImages, sampler, info: D.DistInfo, device: torch.device
-                ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's share of the held-out batches (b ≡ rank mod world), masks seeded by batch index,
-    so the masks an image gets are the same every epoch and for every world size (spec A.1)."""
-    n = len(dataset) if cfg.data.val_max_images is None else min(len(dataset), cfg.data.val_max_images)
-    vb = cfg.data.val_batch_size
-    num_batches = math.ceil(n / vb)
-    if num_batches < info.world_size:
-        raise ValueError(f"config field 'data.val_batch_size': {n} held-out images make {num_batches} batches of "
-                         f"{vb}, fewer than the {info.world_size} processes; lower it")
-    mine = [[(0, i) for i in range(b * vb, min(n, (b + 1) * vb))] for b in range(info.rank, num_batches, info.world_size)]
-    loader = DataLoader(dataset, batch_sampler=mine, collate_fn=collate, num_workers=cfg.data.workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals)
-    for b, (images, notes) in zip(range(info.rank, num_batches, info.world_size), surface_worker_errors(loader)):
-        for _, _, message in notes:
-            log.warning("held-out data: %s", message)
-        masks = sampler(images.shape[0], step_generator(cfg.seed, b, device, stream=VAL_STREAM))
-        yield images.to(device, non_blocking=True), masks
+@dataclass
+class Progress:
+    """Where the run is: what the training state records besides the weights and the optimiser."""
+    step: int = 0
+    scale_stats: Optional[dict] = None           # the target scale estimate (estimate_target_scale)
+    seen: dict = field(default_factory=lambda: {UNREADABLE: set(), CROPPED: set()})  # files reported, by kind
+    wall_before: float = 0.0                     # wall time of the runs this one resumes
+    last_loss: Optional[float] = None
+    val_loss: Optional[float] = None
+    saved: dict = field(default_factory=dict)    # the restored state.json ({} for a fresh run)
 
 
-@torch.no_grad()
-def validation_loss(model: MaskEmbed, batches, autocast, info: D.DistInfo, device: torch.device) -> float:
-    model.eval()
-    acc = torch.zeros(2, dtype=torch.float64, device=device)
-    for images, masks in batches:
-        with autocast():
-            loss = model(images, masks)
-        acc += torch.stack([loss.double() * images.shape[0], torch.tensor(float(images.shape[0]), dtype=torch.float64, device=device)])
-    model.train()
-    D.all_reduce_sum(acc, info)
-    return (acc[0] / acc[1]).item()
+class Checkpointer:
+    """The run's training state in ``{run_dir}/state`` (`state.py`) and its aligned checkpoints."""
 
+    def __init__(self, cfg: AlignConfig, info: D.DistInfo, student: MaskEmbed, optimizer: torch.optim.Optimizer,
+                 data: Data):
+        self.cfg, self.info, self.student, self.optimizer, self.data = cfg, info, student, optimizer, data
+        self.run_dir = run_dir_of(cfg)
+        self.state_dir = self.run_dir / "state"
+        self.cfg_dict = to_dict(cfg)
+        self.resumed_from: Optional[Path] = None
+        self.last_saved_step: Optional[int] = None
+        self.t_start = time.time()
 
-def accumulate_gradients(forward, ddp: Optional[DDP], batches, masks: torch.Tensor, order: GlobalBatchOrder,
-                         autocast, device: torch.device) -> Tuple[torch.Tensor, list]:
-    """Forward/backward this rank's micro-batches of one step (DDP syncs on the last one only).
-    Returns the rank's mean loss (no host sync) and the data notes (unreadable/cropped files)."""
-    loss_sum = torch.zeros((), device=device)
-    notes = []
-    for j in range(order.accum_steps):
-        images, batch_notes = next(batches)
-        notes += batch_notes
-        images = images.to(device, non_blocking=True)
-        m = masks[j * order.micro_batch: (j + 1) * order.micro_batch]
-        sync = ddp is None or j == order.accum_steps - 1
-        with contextlib.nullcontext() if sync else ddp.no_sync():
-            with autocast():
-                loss = forward(images, m)
-            (loss / order.accum_steps).backward()
-        loss_sum += loss.detach() / order.accum_steps
-    return loss_sum, notes
+    def restore(self) -> Optional[Progress]:
+        """The saved progress, weights and optimiser loaded, or None to start afresh. Rank 0 decides
+        (it may repair the run directory); an error is raised on every rank."""
+        try:
+            first_save = min(self.cfg.save_every, self.data.order.steps_per_epoch, self.data.total_steps)
+            decision = (_resume_source(self.cfg, self.run_dir, first_save) if self.info.is_main else None, None)
+        except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+            decision = (None, e)
+        path, problem = D.broadcast_object(decision, self.info)
+        if problem is not None:
+            raise problem
+        if path is None:
+            return None
+        problem = config_mismatch(read_state_info(path).get("config", {}), self.cfg_dict, str(path / "state.json"))
+        if problem:
+            raise CheckpointError(problem)
+        saved = load_training_state(path, self.student, self.optimizer)
+        counters = saved.get("counters", {})
+        self.resumed_from, self.last_saved_step = path, saved["step"]
+        return Progress(step=saved["step"], scale_stats=saved.get("target_scale"),
+                        seen={UNREADABLE: set(counters.get("skipped_files", [])),
+                              CROPPED: set(counters.get("cropped_files", []))},
+                        wall_before=counters.get("wall_time_s", 0.0), saved=saved)
 
+    def should_save(self, step: int, stopping: bool) -> bool:
+        epoch_end = step % self.data.order.steps_per_epoch == 0
+        return step % self.cfg.save_every == 0 or epoch_end or step == self.data.total_steps or stopping
 
-def record_new_files(notes: list, seen: dict, info: D.DistInfo, any_new: bool) -> None:
-    """Add the files named in `notes` to `seen` (kind -> set of files), on every rank (the union of
-    all ranks' notes when `any_new` says some rank has new ones), and log each file once."""
-    new = sorted({(kind, name, msg) for kind, name, msg in notes if name not in seen[kind]})
-    if info.distributed and any_new:
-        gathered = [None] * info.world_size
-        torch.distributed.all_gather_object(gathered, new)
-        new = sorted({note for rank_notes in gathered for note in rank_notes})
-    for kind, name, message in new:
-        if name not in seen[kind]:
-            seen[kind].add(name)
-            if info.is_main:
-                log.warning("%s", message)
+    def state_info(self, run: Progress, metrics: Metrics) -> dict:
+        seen = run.seen
+        return {"step": run.step, "epoch": run.step / self.data.order.steps_per_epoch,
+                "total_steps": self.data.total_steps, "target_scale": run.scale_stats, "config": self.cfg_dict,
+                "world_size": self.info.world_size, "last_loss": run.last_loss, "val_loss": run.val_loss,
+                "wandb_run_id": metrics.wandb_run_id or run.saved.get("wandb_run_id"),
+                "counters": {"skipped_images": len(seen[UNREADABLE]), "cropped_images": len(seen[CROPPED]),
+                             "skipped_files": sorted(seen[UNREADABLE]), "cropped_files": sorted(seen[CROPPED]),
+                             "wall_time_s": run.wall_before + time.time() - self.t_start},
+                "log_window": metrics.window_state()}
 
+    def save(self, run: Progress, metrics: Metrics) -> None:
+        if self.info.is_main:
+            save_training_state(self.state_dir, self.student, self.optimizer, self.state_info(run, metrics))
+        D.barrier(self.info)
+        self.last_saved_step = run.step
 
-def clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Global grad-norm clip (spec A.8); with max_norm <= 0 only measures the norm."""
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-
-
-# --------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------
+    def export(self, out: Path, summary: dict) -> None:
+        """An aligned checkpoint (main process only): the encoder and decoder, and how they were trained."""
+        t = self.cfg.teacher
+        training = {k: v for k, v in summary.items() if k != "config"}
+        save_aligned(out, self.student.encoder, self.student.decoder, model_name=t.model,
+                     softcap=self.cfg.encoder.softcap, timm_kwargs=t.timm_kwargs,
+                     extra={"teacher": {"model": t.model, "weights": t.weights, "target": t.target, "masking": t.masking},
+                            "target": t.target, "recipe": self.cfg.recipe, "align_config": self.cfg_dict,
+                            "training": training})
 
 
 def run_dir_of(cfg: AlignConfig) -> Path:
@@ -353,6 +568,11 @@ def check_before_compute(cfg: AlignConfig) -> None:
     check_output_dir(run_dir_of(cfg), "config field 'output_dir'")
 
 
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
 def train(cfg: AlignConfig) -> Path:
     """Run (or resume) MaskEmbed training; returns the aligned checkpoint directory."""
     validate(cfg)
@@ -365,213 +585,134 @@ def train(cfg: AlignConfig) -> Path:
 
 def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) -> Path:
     device = info.device
-    if device.type == "cuda":  # the reference's settings (spec A.10)
+    if device.type == "cuda":  # the reference's settings
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    run_dir = run_dir_of(cfg)
-    state_dir = run_dir / "state"
-    t_start = time.time()
-
-    model = build_model(cfg, device)
-    teacher = model.teacher
-    precision = P.resolve(cfg.precision, device)
-    autocast = functools.partial(P.autocast, precision, device)  # a fresh context per use
-    # the encoder's soft-capped attention is explicit on CPU already
-    P.switch_attention(precision, device, teacher.vit, model.decoder)
-    sampler = build_mask_sampler(cfg.masks.kind, teacher.spec.grid, cfg.masks.complement, cfg.masks.null,
-                                 cfg.masks.keep_prob, cfg.masks.block_ratio)
-    if sampler.num_patches != V.vit_spec(model.encoder).num_patches:
-        raise ValueError("teacher and encoder patch grids differ")
-
-    # Data
-    train_tf, eval_tf = data_transforms(cfg, teacher)
-    train_set = SeededImages(open_source(cfg.data.root, cfg.data.train_split, cfg.data.format), train_tf, cfg.seed)
-    order = GlobalBatchOrder(len(train_set), cfg.global_batch, cfg.micro_batch, info.world_size, info.rank, cfg.seed)
-    total_steps = cfg.max_steps or max(1, round(cfg.epochs * order.steps_per_epoch))
-    use_scale = cfg.target_scale == "on" or (cfg.target_scale == "auto" and cfg.loss == "mse")
-    val_set = None
-    if use_scale or cfg.validate:
-        val_set = SeededImages(open_source(cfg.data.root, cfg.data.val_split, cfg.data.format), eval_tf, cfg.seed)
-
-    optimizer = build_optimizer(model.named_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
+    autocast = functools.partial(P.autocast, cfg.precision, device)  # a fresh context per use
+    student, teacher = build_model(cfg, device)
+    teacher = build_teacher(teacher, cfg, device)
+    data = build_data(cfg, student, teacher, info)
+    optimizer = build_optimizer(student.named_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
                                 cfg.optim.eps, cfg.optim.exclude_norm_bias_from_wd, fused=device.type == "cuda")
-
-    # Resume or start (rank 0 decides; an error is raised on every rank)
-    try:
-        first_save = min(cfg.save_every, order.steps_per_epoch, total_steps)
-        decision = (_resume_source(cfg, run_dir, first_save) if info.is_main else None, None)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        decision = (None, e)
-    resume_from, problem = D.broadcast_object(decision, info)
-    if problem is not None:
-        raise problem
-    cfg_dict = to_dict(cfg)
-    if resume_from is not None:
-        saved = read_state_info(resume_from)
-        problem = config_mismatch(saved.get("config", {}), cfg_dict, str(resume_from / "state.json"))
-        if problem:
-            raise CheckpointError(problem)
-        saved = load_state(resume_from, model, optimizer)
-        step, scale_stats = saved["step"], saved.get("target_scale")
-        counters = saved.get("counters", {})
-        if scale_stats is not None:
-            teacher.scale.fill_(scale_stats["scale"])
-        log.info("resumed from %s at step %d/%d", resume_from, step, total_steps)
+    ckpt = Checkpointer(cfg, info, student, optimizer, data)
+    run = ckpt.restore()
+    if run is not None:
+        if run.scale_stats is not None:
+            teacher.scale.fill_(run.scale_stats["scale"])
+        log.info("resumed from %s at step %d/%d", ckpt.resumed_from, run.step, data.total_steps)
     else:
-        step, scale_stats, counters, saved = 0, None, {}, {}
-        if use_scale:
+        run = Progress()
+        if uses_target_scale(cfg):
             with autocast():
-                scale_stats = estimate_target_scale(teacher, val_batches(cfg, val_set, sampler, info, device))
-            log.info("target scale 1/std = %.6g (mean %.4g, var %.4g over %d values)", scale_stats["scale"],
-                     scale_stats["mean"], scale_stats["var"], scale_stats["count"])
-    # files reported by the dataset, each counted once (restored, so a resumed run counts the same)
-    seen = {UNREADABLE: set(counters.get("skipped_files", [])), CROPPED: set(counters.get("cropped_files", []))}
-    wall_before = counters.get("wall_time_s", 0.0)
-    last_saved_step = step if resume_from is not None else None
-
+                run.scale_stats = estimate_target_scale(teacher, val_batches(cfg, data, info, device))
+            s = run.scale_stats
+            log.info("target scale 1/std = %.6g (mean %.4g, var %.4g over %d values)", s["scale"], s["mean"],
+                     s["var"], s["count"])
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / ".config.yaml.tmp", "w") as f:
+        ckpt.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(ckpt.run_dir / ".config.yaml.tmp", "w") as f:
             draccus.dump(cfg, f)
-        os.replace(run_dir / ".config.yaml.tmp", run_dir / "config.yaml")
-    metrics = cleanup.enter_context(Metrics(run_dir / "metrics.jsonl", info.is_main,
-                                            step if resume_from is not None else None, cfg, saved.get("wandb_run_id")))
-    if info.is_main:
+        os.replace(ckpt.run_dir / ".config.yaml.tmp", ckpt.run_dir / "config.yaml")
+        o = data.order
         log.info("run %s: %d train images, %d steps (%d/epoch), global batch %d = %d x %d accum x %d procs",
-                 run_dir, len(train_set), total_steps, order.steps_per_epoch, cfg.global_batch, cfg.micro_batch,
-                 order.accum_steps, info.world_size)
-
-    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False) if info.distributed else None
-    forward = ddp if ddp is not None else model
-    if cfg.compile:
-        forward = torch.compile(forward)
-        object.__setattr__(model, "teacher", torch.compile(teacher))
-    params = [p for p in model.parameters() if p.requires_grad]
-    # analytic cost of one image, for achieved TFLOP/s and MFU in the log line (nanoGPT-style)
-    flops_per_image = train_flops_per_image(teacher.spec, V.vit_spec(model.encoder), model.decoder.cfg,
-                                            sampler.masks_per_image, teacher.num_blocks)["total"]
-    peak = peak_tflops(device)
-
-    def state_info(last_loss, val_loss) -> dict:
-        return {"step": step, "epoch": step / order.steps_per_epoch, "total_steps": total_steps,
-                "target_scale": scale_stats, "config": cfg_dict, "world_size": info.world_size,
-                "last_loss": last_loss, "val_loss": val_loss,
-                "wandb_run_id": metrics.wandb_run_id or saved.get("wandb_run_id"),
-                "counters": {"skipped_images": len(seen[UNREADABLE]), "cropped_images": len(seen[CROPPED]),
-                             "skipped_files": sorted(seen[UNREADABLE]), "cropped_files": sorted(seen[CROPPED]),
-                             "wall_time_s": wall_before + time.time() - t_start},
-                # the open log window, so the first record after a resume averages the same steps
-                "log_window": {"steps": window_steps, "loss": window_loss, "seconds": time.time() - window_t}}
-
-    def save(last_loss, val_loss):
-        nonlocal last_saved_step
-        if info.is_main:
-            save_state(state_dir, model, optimizer, state_info(last_loss, val_loss))
-        D.barrier(info)
-        last_saved_step = step
-
-    loader = DataLoader(train_set, batch_sampler=order.micro_batches(step, total_steps), collate_fn=collate,
-                        num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
-                        worker_init_fn=_ignore_stop_signals)
-    batches = surface_worker_errors(loader)
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=not info.is_main,
-               desc=f"align {run_dir.name}")
-    last_loss = val_loss = None
-    window = saved.get("log_window") or {"steps": 0, "loss": 0.0, "seconds": 0.0}
-    window_t, window_steps, window_loss = time.time() - window["seconds"], window["steps"], window["loss"]
-    rs = order.rank_slice()
+                 ckpt.run_dir, len(data.train), data.total_steps, o.steps_per_epoch, cfg.global_batch,
+                 cfg.micro_batch, o.accum_steps, info.world_size)
+    metrics = cleanup.enter_context(Metrics(ckpt.run_dir / "metrics.jsonl", info.is_main,
+                                            run.step if ckpt.resumed_from else None, cfg,
+                                            run.saved.get("wandb_run_id"), run.saved.get("log_window")))
+    model = parallelize(student, cfg, info)
     stop = cleanup.enter_context(StopSignals())
-    model.train()
-    while step < total_steps:
-        lr = lr_at(step, total_steps, cfg.optim.lr, cfg.optim.resolved_min_lr, cfg.optim.warmup_steps,
-                   cfg.optim.resolved_warmup_lr)
-        set_lr(optimizer, lr)
-        # the whole global batch's masks on every rank, then this rank's slice (masks.step_generator)
-        masks = sampler(cfg.global_batch, step_generator(cfg.seed, step, device, stream=TRAIN_STREAM))[rs]
-        loss_sum, notes = accumulate_gradients(forward, ddp, batches, masks, order, autocast, device)
-        grad_norm = clip_grad_norm(params, cfg.optim.clip_grad)
-        # one small all-reduce per step: mean loss for logging, a global non-finite flag, whether any
-        # rank saw a file it had not reported yet, whether any rank was asked to stop
-        new_here = any(name not in seen[kind] for kind, name, _ in notes)
-        flags = torch.tensor([float(new_here), float(stop.signum is not None)], dtype=torch.float64, device=device)
-        stats = torch.cat([torch.stack([loss_sum.double(), (~torch.isfinite(loss_sum)).double()]), flags])
-        D.all_reduce_sum(stats, info)
-        record_new_files(notes, seen, info, stats[2].item() > 0)
-        step_loss = stats[0].item() / info.world_size
-        gn = grad_norm.item()
-        if stats[1].item() > 0 or not math.isfinite(gn):
-            optimizer.zero_grad(set_to_none=True)
-            where = (f"the last good training state is {state_dir} (step {last_saved_step})" if last_saved_step is not None
-                     else "no training state had been saved yet")
-            # steps are numbered as in metrics.jsonl: step k = the k-th optimiser update
-            metrics.write({"step": step + 1, "event": "non_finite", "loss": step_loss, "grad_norm": gn})
-            bar.close()
-            raise NonFiniteLoss(f"non-finite loss/gradient at step {step + 1} (loss {step_loss}, grad norm {gn}); "
-                                f"stopped before that update; {where}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        skipped_total = len(seen[UNREADABLE])
-        last_loss = step_loss
-        window_steps += 1
-        window_loss += step_loss
-        bar.update(1)
+    _loop(cfg, info, model, student, teacher, optimizer, data, ckpt, run, metrics, stop, autocast)
 
-        if step % cfg.log_every == 0 or step == total_steps:
-            elapsed = max(time.time() - window_t, 1e-9)
-            rate = window_steps * cfg.global_batch / elapsed
-            tflops = rate * flops_per_image / info.world_size / 1e12  # per process
-            rec = {"step": step, "epoch": round(step / order.steps_per_epoch, 4), "loss": window_loss / window_steps,
-                   "lr": lr, "grad_norm": gn, "img_per_s": rate, "tflops_per_proc": tflops,
-                   "mfu": tflops / peak if peak else None, "skipped_images": skipped_total,
-                   **({"cropped_images": len(seen[CROPPED])} if seen[CROPPED] else {})}
-            metrics.write(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}",
-                            **({"mfu": f"{100 * rec['mfu']:.1f}%"} if peak else {}), skipped=skipped_total)
-            window_t, window_steps, window_loss = time.time(), 0, 0.0
-
-        end_of_epoch = step % order.steps_per_epoch == 0
-        t_aside = time.time()  # validation and saving are not training throughput
-        if end_of_epoch and cfg.validate:
-            val_loss = validation_loss(model, val_batches(cfg, val_set, sampler, info, device), autocast, info, device)
-            metrics.write({"step": step, "epoch": step // order.steps_per_epoch, "val_loss": val_loss})
-            if info.is_main:
-                bar.write(f"epoch {step // order.steps_per_epoch}: val loss {val_loss:.5f}")
-        if end_of_epoch and cfg.save_epoch_checkpoints and info.is_main:
-            _save_aligned(run_dir / f"epoch-{step // order.steps_per_epoch:03d}", model, cfg, cfg_dict,
-                          state_info(last_loss, val_loss))
-        stopping = stats[3].item() > 0 and step < total_steps
-        if step % cfg.save_every == 0 or end_of_epoch or step == total_steps or stopping:
-            save(last_loss, val_loss)
-        window_t += time.time() - t_aside
-        if stopping:
-            bar.close()
-            signum = stop.signum or signal.SIGTERM  # another rank was signalled
-            name = signal.Signals(signum).name if stop.signum else "a signal to another process"
-            raise Stopped(f"stopped by {name} after step {step} of {total_steps}; the training state is saved "
-                          f"in {state_dir}; rerun the same command to resume", signum)
-    bar.close()
-
-    if last_saved_step != step:  # a resumed, already finished run
-        save(last_loss, val_loss)
-    out = run_dir / "aligned"
+    if ckpt.last_saved_step != run.step:  # a resumed, already finished run
+        ckpt.save(run, metrics)
+    out = ckpt.run_dir / "aligned"
     if info.is_main:
-        summary = state_info(last_loss, val_loss)
-        if resume_from is not None and last_loss is None:
-            summary.update(last_loss=saved.get("last_loss"), val_loss=saved.get("val_loss"))
-        _save_aligned(out, model, cfg, cfg_dict, summary)
+        summary = ckpt.state_info(run, metrics)
+        if ckpt.resumed_from is not None and run.last_loss is None:
+            summary.update(last_loss=run.saved.get("last_loss"), val_loss=run.saved.get("val_loss"))
+        ckpt.export(out, summary)
         log.info("aligned checkpoint: %s", out)
     D.barrier(info)
     return out
 
 
-def _save_aligned(out: Path, model: MaskEmbed, cfg: AlignConfig, cfg_dict: dict, summary: dict) -> None:
-    t = cfg.teacher
-    training = {k: v for k, v in summary.items() if k != "config"}
-    save_aligned(out, model.encoder, model.decoder, model_name=t.model, softcap=cfg.encoder.softcap,
-                 timm_kwargs=t.timm_kwargs,
-                 extra={"teacher": {"model": t.model, "weights": t.weights, "target": t.target, "masking": t.masking},
-                        "target": t.target, "recipe": cfg.recipe, "align_config": cfg_dict, "training": training})
+def _loop(cfg: AlignConfig, info: D.DistInfo, model: nn.Module, student: MaskEmbed, teacher: Callable,
+          optimizer: torch.optim.Optimizer, data: Data, ckpt: Checkpointer, run: Progress, metrics: Metrics,
+          stop: StopSignals, autocast: Callable) -> None:
+    """Steps from `run.step` to the end: update, log, validate and save at epoch ends, stop on a signal."""
+    device, order, total = info.device, data.order, data.total_steps
+    params = [p for p in student.parameters() if p.requires_grad]
+    # analytic cost of one image, for achieved TFLOP/s and MFU in the log line (nanoGPT-style)
+    flops = train_flops_per_image(teacher.spec, V.vit_spec(student.encoder), student.decoder.cfg,
+                                  data.sampler.masks_per_image, teacher.num_blocks)["total"]
+    peak = peak_tflops(device)
+    batches = train_micro_batches(cfg, data, run.step, device)
+    bar = tqdm(total=total, initial=run.step, unit="step", dynamic_ncols=True, disable=not info.is_main,
+               desc=f"align {ckpt.run_dir.name}")
+    student.train()
+    while run.step < total:
+        lr = lr_at(run.step, total, cfg.optim.lr, cfg.optim.resolved_min_lr, cfg.optim.warmup_steps,
+                   cfg.optim.resolved_warmup_lr)
+        set_lr(optimizer, lr)
+        # the whole global batch's masks on every rank, then this rank's slice (masks.step_generator)
+        masks = data.sampler(cfg.global_batch, step_generator(cfg.seed, run.step, device, stream=TRAIN_STREAM))
+        notes: list = []
+        micro = step_micro_batches(batches, masks[order.rank_slice()], order, device, notes)
+        loss, grad_norm = train_step(model, teacher, optimizer, params, micro, order.accum_steps,
+                                     cfg.optim.clip_grad, autocast, info)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            bar.close()
+            raise _non_finite(run.step + 1, loss, grad_norm, ckpt, metrics)
+        run.step, run.last_loss = run.step + 1, loss
+        metrics.add_step(loss)
+        bar.update(1)
+        # any rank: a data file not reported yet, a stop signal (one small all-reduce per step)
+        new_here = any(name not in run.seen[kind] for kind, name, _ in notes)
+        flags = D.all_reduce_sum(torch.tensor([float(new_here), float(stop.signum is not None)],
+                                              dtype=torch.float64, device=device), info).tolist()
+        record_new_files(notes, run.seen, info, flags[0] > 0)
+
+        if run.step % cfg.log_every == 0 or run.step == total:
+            w = metrics.close_window(cfg.global_batch, flops, info.world_size, peak)
+            rec = {"step": run.step, "epoch": round(run.step / order.steps_per_epoch, 4), "loss": w["loss"], "lr": lr,
+                   "grad_norm": grad_norm, "img_per_s": w["img_per_s"], "tflops_per_proc": w["tflops_per_proc"],
+                   "mfu": w["mfu"], "skipped_images": len(run.seen[UNREADABLE]),
+                   **({"cropped_images": len(run.seen[CROPPED])} if run.seen[CROPPED] else {})}
+            metrics.write(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_per_s']:.1f}",
+                            **({"mfu": f"{100 * rec['mfu']:.1f}%"} if peak else {}), skipped=rec["skipped_images"])
+
+        epoch, within = divmod(run.step, order.steps_per_epoch)
+        end_of_epoch = within == 0
+        stopping = flags[1] > 0 and run.step < total
+        with metrics.aside():
+            if end_of_epoch and cfg.validate:
+                run.val_loss = validation_loss(student, teacher, val_batches(cfg, data, info, device), autocast,
+                                               info, device)
+                metrics.write({"step": run.step, "epoch": epoch, "val_loss": run.val_loss})
+                if info.is_main:
+                    bar.write(f"epoch {epoch}: val loss {run.val_loss:.5f}")
+            if end_of_epoch and cfg.save_epoch_checkpoints and info.is_main:
+                ckpt.export(ckpt.run_dir / f"epoch-{epoch:03d}", ckpt.state_info(run, metrics))
+            if ckpt.should_save(run.step, stopping):
+                ckpt.save(run, metrics)
+        if stopping:
+            bar.close()
+            signum = stop.signum or signal.SIGTERM  # another rank was signalled
+            name = signal.Signals(signum).name if stop.signum else "a signal to another process"
+            raise Stopped(f"stopped by {name} after step {run.step} of {total}; the training state is saved "
+                          f"in {ckpt.state_dir}; rerun the same command to resume", signum)
+    bar.close()
+
+
+def _non_finite(step: int, loss: float, grad_norm: float, ckpt: Checkpointer, metrics: Metrics) -> NonFiniteLoss:
+    """Log the failed step (numbered as in metrics.jsonl: step k = the k-th update) and name the last good state."""
+    metrics.write({"step": step, "event": "non_finite", "loss": loss, "grad_norm": grad_norm})
+    where = (f"the last good training state is {ckpt.state_dir} (step {ckpt.last_saved_step})"
+             if ckpt.last_saved_step is not None else "no training state had been saved yet")
+    return NonFiniteLoss(f"non-finite loss/gradient at step {step} (loss {loss}, grad norm {grad_norm}); "
+                         f"stopped before that update; {where}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
