@@ -8,11 +8,12 @@ micro-batch); then grad-norm clip, AdamW, cosine lr.
 
 `train` is set up in named parts, each a function or object below:
 
-    build_model      teacher h (frozen, on the device, cast, compiled: `build_teacher`) and student
+    build_model      student (encoder f_θ + decoder g_ψ) and teacher h; seeded
+    build_teacher    the teacher ready to run, in one place: frozen, on the device, cast, compiled
     build_data       seeded images, global batch order, mask sampler
-    Checkpointer     training state: restore-or-start, should_save, save; aligned exports
-    parallelize      the student's execution: attention kernel, activation checkpointing, DDP, compile
-    Metrics          metrics.jsonl (+ wandb) and the log window (throughput, MFU)
+    Checkpointer     restore-or-start, should_save, save; aligned exports       (checkpointer.py)
+    parallelize      how the student runs: attention kernel → activation checkpointing → DDP → compile
+    Metrics          metrics.jsonl (+ wandb) and the log window: loss, img/s, MFU   (metrics.py)
     train_step       one optimiser update
     _loop            steps, logging, validation, saving, stopping
 
@@ -29,15 +30,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
+import io
 import logging
 import math
 import os
 import signal
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -50,18 +50,18 @@ from tqdm import tqdm
 
 from .. import precision as P
 from .. import vit as V
-from ..checkpoint import CheckpointError, save_aligned
 from ..data import RKRC, EvalTransform, GlobalBatchOrder, SeededImages, collate, open_source, surface_worker_errors
 from ..data.dataset import CROPPED, UNREADABLE
 from ..decoder import MaskEmbedDecoder
-from ..fileio import check_output_dir, recover_dir, write_text
+from ..fileio import check_output_dir, write_text
 from ..maskembed import (MaskEmbed, Teacher, default_decoder_config, estimate_target_scale, make_encoder, peak_tflops,
                          train_flops_per_image)
 from ..masks import MaskSampler, build_mask_sampler, step_generator
 from . import distributed as D
-from .config import AlignConfig, parse_config, to_dict, validate
+from .config import AlignConfig, parse_config, validate
+from .checkpointer import Checkpointer, Progress, run_dir_of
+from .metrics import Metrics
 from .optim import build_optimizer, lr_at, set_lr
-from .state import config_mismatch, has_state, load_training_state, read_state_info, save_training_state
 
 log = logging.getLogger("prismatic_locality.align")
 
@@ -335,234 +335,6 @@ def record_new_files(notes: list, seen: dict, info: D.DistInfo, any_new: bool) -
                 log.warning("%s", message)
 
 
-# --------------------------------------------------------------------------------------------
-# Metrics logger
-# --------------------------------------------------------------------------------------------
-
-
-class Metrics:
-    """metrics.jsonl (+ wandb when enabled and installed), main process only, and the log window:
-    the steps since the last record, whose mean loss and throughput (img/s, TFLOP/s, MFU) the next
-    record reports. Validation and saving are set aside (`aside`), not counted as training time.
-
-    A resumed run continues the same wandb run: its id is kept in the training state. Steps the
-    crashed run had already logged past its last saved state are not logged again (wandb keeps
-    the first copy, which an exact resume reproduces anyway). Closed by the run's exit stack, so a
-    crash still finishes the wandb run (marked failed) and a later run in the process starts afresh.
-    """
-
-    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int], cfg: AlignConfig,
-                 wandb_run_id: Optional[str] = None, window: Optional[dict] = None):
-        self.path, self.enabled, self.wandb = path, enabled, None
-        # the log window open when the state was saved, so the first record after a resume averages the same steps
-        window = window or {"steps": 0, "loss": 0.0, "seconds": 0.0}
-        self.window_t, self.window_steps, self.window_loss = time.time() - window["seconds"], window["steps"], window["loss"]
-        if not enabled:
-            return
-        if resume_step is None:
-            path.unlink(missing_ok=True)
-        elif path.exists():  # drop what the interrupted run logged after its last saved state
-            keep = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
-            write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-        if cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                log.warning("wandb is enabled but not installed (pip install wandb); logging to %s only", path)
-            else:
-                self.wandb = wandb.init(project=cfg.wandb_project, name=path.parent.name, config=to_dict(cfg),
-                                        id=wandb_run_id, resume="allow")
-
-    @property
-    def wandb_run_id(self) -> Optional[str]:
-        return self.wandb.id if self.wandb is not None else None
-
-    def add_step(self, loss: float) -> None:
-        self.window_steps += 1
-        self.window_loss += loss
-
-    def close_window(self, images_per_step: int, flops_per_image: float, world_size: int,
-                     peak: Optional[float]) -> dict:
-        """The window's mean loss and throughput; starts the next window."""
-        elapsed = max(time.time() - self.window_t, 1e-9)
-        rate = self.window_steps * images_per_step / elapsed
-        tflops = rate * flops_per_image / world_size / 1e12  # per process
-        out = {"loss": self.window_loss / self.window_steps, "img_per_s": rate, "tflops_per_proc": tflops,
-               "mfu": tflops / peak if peak else None}
-        self.window_t, self.window_steps, self.window_loss = time.time(), 0, 0.0
-        return out
-
-    def window_state(self) -> dict:
-        return {"steps": self.window_steps, "loss": self.window_loss, "seconds": time.time() - self.window_t}
-
-    @contextlib.contextmanager
-    def aside(self):
-        """Time spent in the block (validation, saving) is not training throughput."""
-        t = time.time()
-        try:
-            yield
-        finally:
-            self.window_t += time.time() - t
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        # strict JSON: a NaN/Inf value is written as null, and named with its value in "non_finite"
-        bad = {k: str(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
-        line = {**record, **dict.fromkeys(bad), **({"non_finite": bad} if bad else {})}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line, allow_nan=False) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
-
-    def close(self, failed: bool = False):
-        if self.wandb is not None:
-            self.wandb.finish(exit_code=1 if failed else 0)
-            self.wandb = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        self.close(failed=exc_type is not None)
-
-
-def read_metrics(path: Path) -> List[dict]:
-    """The records of a metrics.jsonl. A torn last line (what a kill or a full disk leaves) is
-    dropped with a warning; any other line that is not JSON is an error naming the file and line."""
-    lines = path.read_text().split("\n")  # a complete file ends with "\n": the last item is ""
-    records = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines):
-                log.warning("%s: dropping its torn last line (%d bytes; the previous run was interrupted while "
-                            "writing it)", path, len(line))
-                continue
-            raise ValueError(f"{path}: line {i} is not JSON ({e.msg}); repair or delete that line, or pass "
-                             f"--resume never to start the run over") from None
-    return records
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpointer: restore-or-start, should-save, save, export
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Progress:
-    """Where the run is: what the training state records besides the weights and the optimiser."""
-    step: int = 0
-    scale_stats: Optional[dict] = None           # the target scale estimate (estimate_target_scale)
-    seen: dict = field(default_factory=lambda: {UNREADABLE: set(), CROPPED: set()})  # files reported, by kind
-    wall_before: float = 0.0                     # wall time of the runs this one resumes
-    last_loss: Optional[float] = None
-    val_loss: Optional[float] = None
-    saved: dict = field(default_factory=dict)    # the restored state.json ({} for a fresh run)
-
-
-class Checkpointer:
-    """The run's training state in ``{run_dir}/state`` (`state.py`) and its aligned checkpoints."""
-
-    def __init__(self, cfg: AlignConfig, info: D.DistInfo, student: MaskEmbed, optimizer: torch.optim.Optimizer,
-                 data: Data):
-        self.cfg, self.info, self.student, self.optimizer, self.data = cfg, info, student, optimizer, data
-        self.run_dir = run_dir_of(cfg)
-        self.state_dir = self.run_dir / "state"
-        self.cfg_dict = to_dict(cfg)
-        self.resumed_from: Optional[Path] = None
-        self.last_saved_step: Optional[int] = None
-        self.t_start = time.time()
-
-    def restore(self) -> Optional[Progress]:
-        """The saved progress, weights and optimiser loaded, or None to start afresh. Rank 0 decides
-        (it may repair the run directory); an error is raised on every rank."""
-        try:
-            first_save = min(self.cfg.save_every, self.data.order.steps_per_epoch, self.data.total_steps)
-            decision = (_resume_source(self.cfg, self.run_dir, first_save) if self.info.is_main else None, None)
-        except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-            decision = (None, e)
-        path, problem = D.broadcast_object(decision, self.info)
-        if problem is not None:
-            raise problem
-        if path is None:
-            return None
-        problem = config_mismatch(read_state_info(path).get("config", {}), self.cfg_dict, str(path / "state.json"))
-        if problem:
-            raise CheckpointError(problem)
-        saved = load_training_state(path, self.student, self.optimizer)
-        counters = saved.get("counters", {})
-        self.resumed_from, self.last_saved_step = path, saved["step"]
-        return Progress(step=saved["step"], scale_stats=saved.get("target_scale"),
-                        seen={UNREADABLE: set(counters.get("skipped_files", [])),
-                              CROPPED: set(counters.get("cropped_files", []))},
-                        wall_before=counters.get("wall_time_s", 0.0), saved=saved)
-
-    def should_save(self, step: int, stopping: bool) -> bool:
-        epoch_end = step % self.data.order.steps_per_epoch == 0
-        return step % self.cfg.save_every == 0 or epoch_end or step == self.data.total_steps or stopping
-
-    def state_info(self, run: Progress, metrics: Metrics) -> dict:
-        seen = run.seen
-        return {"step": run.step, "epoch": run.step / self.data.order.steps_per_epoch,
-                "total_steps": self.data.total_steps, "target_scale": run.scale_stats, "config": self.cfg_dict,
-                "world_size": self.info.world_size, "last_loss": run.last_loss, "val_loss": run.val_loss,
-                "wandb_run_id": metrics.wandb_run_id or run.saved.get("wandb_run_id"),
-                "counters": {"skipped_images": len(seen[UNREADABLE]), "cropped_images": len(seen[CROPPED]),
-                             "skipped_files": sorted(seen[UNREADABLE]), "cropped_files": sorted(seen[CROPPED]),
-                             "wall_time_s": run.wall_before + time.time() - self.t_start},
-                "log_window": metrics.window_state()}
-
-    def save(self, run: Progress, metrics: Metrics) -> None:
-        if self.info.is_main:
-            save_training_state(self.state_dir, self.student, self.optimizer, self.state_info(run, metrics))
-        D.barrier(self.info)
-        self.last_saved_step = run.step
-
-    def export(self, out: Path, summary: dict) -> None:
-        """An aligned checkpoint (main process only): the encoder and decoder, and how they were trained."""
-        t = self.cfg.teacher
-        training = {k: v for k, v in summary.items() if k != "config"}
-        save_aligned(out, self.student.encoder, self.student.decoder, model_name=t.model,
-                     softcap=self.cfg.encoder.softcap, timm_kwargs=t.timm_kwargs,
-                     extra={"teacher": {"model": t.model, "weights": t.weights, "target": t.target, "masking": t.masking},
-                            "target": t.target, "recipe": self.cfg.recipe, "align_config": self.cfg_dict,
-                            "training": training})
-
-
-def run_dir_of(cfg: AlignConfig) -> Path:
-    return Path(cfg.output_dir) / (cfg.run_name or cfg.recipe or "align")
-
-
-def _resume_source(cfg: AlignConfig, run_dir: Path, first_save: int) -> Optional[Path]:
-    """The training state to resume from (main process only: it may repair the run directory).
-    `first_save` is the first step at which a training state is written."""
-    if cfg.resume == "never":
-        return None
-    path = run_dir / "state" if cfg.resume == "auto" else Path(cfg.resume)
-    recovered = recover_dir(path)  # a kill inside the state swap leaves complete copies beside it
-    if recovered:
-        log.warning("%s", recovered)
-    if cfg.resume == "auto":
-        if has_state(path):
-            return path
-        restart = "pass --resume never to start the run over, or choose another --run_name"
-        if path.exists():
-            raise CheckpointError(f"{path}: has no state.json, so the run cannot resume; {restart}")
-        log_file = run_dir / "metrics.jsonl"
-        steps = [r["step"] for r in read_metrics(log_file) if "loss" in r] if log_file.is_file() else []
-        if steps and max(steps) >= first_save:  # a state was saved once: never restart silently
-            raise CheckpointError(f"{log_file}: logs training up to step {max(steps)}, but its training state "
-                                  f"{path} is missing, so the run cannot resume; {restart}")
-        return None
-    if not has_state(path):
-        raise FileNotFoundError(f"config field 'resume': no training state at {path} (expected {path / 'state.json'})")
-    return path
-
-
 def check_before_compute(cfg: AlignConfig) -> None:
     """What would otherwise fail only at the first save, hours in: refused before the teacher is built."""
     check_output_dir(run_dir_of(cfg), "config field 'output_dir'")
@@ -594,25 +366,10 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
     data = build_data(cfg, student, teacher, info)
     optimizer = build_optimizer(student.named_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
                                 cfg.optim.eps, cfg.optim.exclude_norm_bias_from_wd, fused=device.type == "cuda")
-    ckpt = Checkpointer(cfg, info, student, optimizer, data)
-    run = ckpt.restore()
-    if run is not None:
-        if run.scale_stats is not None:
-            teacher.scale.fill_(run.scale_stats["scale"])
-        log.info("resumed from %s at step %d/%d", ckpt.resumed_from, run.step, data.total_steps)
-    else:
-        run = Progress()
-        if uses_target_scale(cfg):
-            with autocast():
-                run.scale_stats = estimate_target_scale(teacher, val_batches(cfg, data, info, device))
-            s = run.scale_stats
-            log.info("target scale 1/std = %.6g (mean %.4g, var %.4g over %d values)", s["scale"], s["mean"],
-                     s["var"], s["count"])
+    ckpt = Checkpointer(cfg, info, student, optimizer, data.order.steps_per_epoch, data.total_steps)
+    run = restore_or_start(cfg, ckpt, teacher, data, autocast, info)
     if info.is_main:
-        ckpt.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(ckpt.run_dir / ".config.yaml.tmp", "w") as f:
-            draccus.dump(cfg, f)
-        os.replace(ckpt.run_dir / ".config.yaml.tmp", ckpt.run_dir / "config.yaml")
+        write_config(cfg, ckpt.run_dir)
         o = data.order
         log.info("run %s: %d train images, %d steps (%d/epoch), global batch %d = %d x %d accum x %d procs",
                  ckpt.run_dir, len(data.train), data.total_steps, o.steps_per_epoch, cfg.global_batch,
@@ -620,21 +377,41 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
     metrics = cleanup.enter_context(Metrics(ckpt.run_dir / "metrics.jsonl", info.is_main,
                                             run.step if ckpt.resumed_from else None, cfg,
                                             run.saved.get("wandb_run_id"), run.saved.get("log_window")))
+    # analytic cost of one image, for achieved TFLOP/s and MFU in the log line (nanoGPT-style)
+    metrics.cost(cfg.global_batch, train_flops_per_image(teacher.spec, V.vit_spec(student.encoder), student.decoder.cfg,
+                                                         data.sampler.masks_per_image, teacher.num_blocks)["total"],
+                 info.world_size, peak_tflops(device))
     model = parallelize(student, cfg, info)
     stop = cleanup.enter_context(StopSignals())
     _loop(cfg, info, model, student, teacher, optimizer, data, ckpt, run, metrics, stop, autocast)
 
-    if ckpt.last_saved_step != run.step:  # a resumed, already finished run
-        ckpt.save(run, metrics)
-    out = ckpt.run_dir / "aligned"
-    if info.is_main:
-        summary = ckpt.state_info(run, metrics)
-        if ckpt.resumed_from is not None and run.last_loss is None:
-            summary.update(last_loss=run.saved.get("last_loss"), val_loss=run.saved.get("val_loss"))
-        ckpt.export(out, summary)
-        log.info("aligned checkpoint: %s", out)
-    D.barrier(info)
-    return out
+    return ckpt.finish(run, metrics)
+
+
+def restore_or_start(cfg: AlignConfig, ckpt: Checkpointer, teacher: Teacher, data: Data, autocast: Callable,
+                     info: D.DistInfo) -> Progress:
+    """The saved progress (weights, optimiser, target scale restored), or a fresh start whose target
+    scale is estimated on the held-out images."""
+    run = ckpt.restore()
+    if run is not None:
+        if run.scale_stats is not None:
+            teacher.scale.fill_(run.scale_stats["scale"])
+        log.info("resumed from %s at step %d/%d", ckpt.resumed_from, run.step, data.total_steps)
+        return run
+    run = Progress()
+    if uses_target_scale(cfg):
+        with autocast():
+            run.scale_stats = s = estimate_target_scale(teacher, val_batches(cfg, data, info, info.device))
+        log.info("target scale 1/std = %.6g (mean %.4g, var %.4g over %d values)", s["scale"], s["mean"], s["var"],
+                 s["count"])
+    return run
+
+
+def write_config(cfg: AlignConfig, run_dir: Path) -> None:
+    """The resolved config as ``config.yaml`` (rerun it with ``--config_path``)."""
+    text = io.StringIO()
+    draccus.dump(cfg, text)
+    write_text(run_dir / "config.yaml", text.getvalue())
 
 
 def _loop(cfg: AlignConfig, info: D.DistInfo, model: nn.Module, student: MaskEmbed, teacher: Callable,
@@ -643,67 +420,69 @@ def _loop(cfg: AlignConfig, info: D.DistInfo, model: nn.Module, student: MaskEmb
     """Steps from `run.step` to the end: update, log, validate and save at epoch ends, stop on a signal."""
     device, order, total = info.device, data.order, data.total_steps
     params = [p for p in student.parameters() if p.requires_grad]
-    # analytic cost of one image, for achieved TFLOP/s and MFU in the log line (nanoGPT-style)
-    flops = train_flops_per_image(teacher.spec, V.vit_spec(student.encoder), student.decoder.cfg,
-                                  data.sampler.masks_per_image, teacher.num_blocks)["total"]
-    peak = peak_tflops(device)
     batches = train_micro_batches(cfg, data, run.step, device)
     bar = tqdm(total=total, initial=run.step, unit="step", dynamic_ncols=True, disable=not info.is_main,
                desc=f"align {ckpt.run_dir.name}")
     student.train()
-    while run.step < total:
-        lr = lr_at(run.step, total, cfg.optim.lr, cfg.optim.resolved_min_lr, cfg.optim.warmup_steps,
-                   cfg.optim.resolved_warmup_lr)
-        set_lr(optimizer, lr)
-        # the whole global batch's masks on every rank, then this rank's slice (masks.step_generator)
-        masks = data.sampler(cfg.global_batch, step_generator(cfg.seed, run.step, device, stream=TRAIN_STREAM))
-        notes: list = []
-        micro = step_micro_batches(batches, masks[order.rank_slice()], order, device, notes)
-        loss, grad_norm = train_step(model, teacher, optimizer, params, micro, order.accum_steps,
-                                     cfg.optim.clip_grad, autocast, info)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            bar.close()
-            raise _non_finite(run.step + 1, loss, grad_norm, ckpt, metrics)
-        run.step, run.last_loss = run.step + 1, loss
-        metrics.add_step(loss)
-        bar.update(1)
-        # any rank: a data file not reported yet, a stop signal (one small all-reduce per step)
-        new_here = any(name not in run.seen[kind] for kind, name, _ in notes)
-        flags = D.all_reduce_sum(torch.tensor([float(new_here), float(stop.signum is not None)],
-                                              dtype=torch.float64, device=device), info).tolist()
-        record_new_files(notes, run.seen, info, flags[0] > 0)
+    with contextlib.closing(batches):  # stops the DataLoader workers however the loop ends
+        while run.step < total:
+            o = cfg.optim
+            lr = lr_at(run.step, total, o.lr, o.resolved_min_lr, o.warmup_steps, o.resolved_warmup_lr)
+            set_lr(optimizer, lr)
+            # the whole global batch's masks on every rank, then this rank's slice (masks.step_generator)
+            masks = data.sampler(cfg.global_batch, step_generator(cfg.seed, run.step, device, stream=TRAIN_STREAM))
+            notes: list = []
+            micro = step_micro_batches(batches, masks[order.rank_slice()], order, device, notes)
+            loss, grad_norm = train_step(model, teacher, optimizer, params, micro, order.accum_steps, o.clip_grad,
+                                         autocast, info)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                bar.close()
+                raise _non_finite(run.step + 1, loss, grad_norm, ckpt, metrics)
+            run.step, run.last_loss = run.step + 1, loss
+            metrics.add_step(loss)
+            bar.update(1)
+            stop_requested = _agree_on_files_and_stop(notes, run.seen, stop, info)
 
-        if run.step % cfg.log_every == 0 or run.step == total:
-            w = metrics.close_window(cfg.global_batch, flops, info.world_size, peak)
-            rec = {"step": run.step, "epoch": round(run.step / order.steps_per_epoch, 4), "loss": w["loss"], "lr": lr,
-                   "grad_norm": grad_norm, "img_per_s": w["img_per_s"], "tflops_per_proc": w["tflops_per_proc"],
-                   "mfu": w["mfu"], "skipped_images": len(run.seen[UNREADABLE]),
-                   **({"cropped_images": len(run.seen[CROPPED])} if run.seen[CROPPED] else {})}
-            metrics.write(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_per_s']:.1f}",
-                            **({"mfu": f"{100 * rec['mfu']:.1f}%"} if peak else {}), skipped=rec["skipped_images"])
-
-        epoch, within = divmod(run.step, order.steps_per_epoch)
-        end_of_epoch = within == 0
-        stopping = flags[1] > 0 and run.step < total
-        with metrics.aside():
-            if end_of_epoch and cfg.validate:
-                run.val_loss = validation_loss(student, teacher, val_batches(cfg, data, info, device), autocast,
-                                               info, device)
-                metrics.write({"step": run.step, "epoch": epoch, "val_loss": run.val_loss})
-                if info.is_main:
-                    bar.write(f"epoch {epoch}: val loss {run.val_loss:.5f}")
-            if end_of_epoch and cfg.save_epoch_checkpoints and info.is_main:
-                ckpt.export(ckpt.run_dir / f"epoch-{epoch:03d}", ckpt.state_info(run, metrics))
-            if ckpt.should_save(run.step, stopping):
-                ckpt.save(run, metrics)
-        if stopping:
-            bar.close()
-            signum = stop.signum or signal.SIGTERM  # another rank was signalled
-            name = signal.Signals(signum).name if stop.signum else "a signal to another process"
-            raise Stopped(f"stopped by {name} after step {run.step} of {total}; the training state is saved "
-                          f"in {ckpt.state_dir}; rerun the same command to resume", signum)
+            epoch, within = divmod(run.step, order.steps_per_epoch)
+            if run.step % cfg.log_every == 0 or run.step == total:
+                rec = metrics.log_step(run.step, run.step / order.steps_per_epoch, lr, grad_norm,
+                                       skipped=len(run.seen[UNREADABLE]), cropped=len(run.seen[CROPPED]))
+                mfu = {"mfu": f"{100 * rec['mfu']:.1f}%"} if rec["mfu"] else {}
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_per_s']:.1f}", **mfu,
+                                skipped=rec["skipped_images"])
+            stopping = stop_requested and run.step < total
+            with metrics.aside():
+                if within == 0 and cfg.validate:
+                    run.val_loss = validation_loss(student, teacher, val_batches(cfg, data, info, device), autocast,
+                                                   info, device)
+                    metrics.write({"step": run.step, "epoch": epoch, "val_loss": run.val_loss})
+                    if info.is_main:
+                        bar.write(f"epoch {epoch}: val loss {run.val_loss:.5f}")
+                if within == 0 and cfg.save_epoch_checkpoints and info.is_main:
+                    ckpt.export(ckpt.run_dir / f"epoch-{epoch:03d}", ckpt.state_info(run, metrics))
+                if ckpt.should_save(run.step, stopping):
+                    ckpt.save(run, metrics)
+            if stopping:
+                bar.close()
+                raise _stopped(stop, run.step, total, ckpt)
     bar.close()
+
+
+def _agree_on_files_and_stop(notes: list, seen: dict, stop: StopSignals, info: D.DistInfo) -> bool:
+    """One small all-reduce per step: whether any rank read a data file it had not reported yet
+    (then all ranks record the union, `record_new_files`) and whether any rank was asked to stop."""
+    new_here = any(name not in seen[kind] for kind, name, _ in notes)
+    flags = torch.tensor([float(new_here), float(stop.signum is not None)], dtype=torch.float64, device=info.device)
+    any_new, any_stop = D.all_reduce_sum(flags, info).tolist()
+    record_new_files(notes, seen, info, any_new > 0)
+    return any_stop > 0
+
+
+def _stopped(stop: StopSignals, step: int, total: int, ckpt: Checkpointer) -> Stopped:
+    signum = stop.signum or signal.SIGTERM  # another rank was signalled
+    name = signal.Signals(signum).name if stop.signum else "a signal to another process"
+    return Stopped(f"stopped by {name} after step {step} of {total}; the training state is saved "
+                   f"in {ckpt.state_dir}; rerun the same command to resume", signum)
 
 
 def _non_finite(step: int, loss: float, grad_norm: float, ckpt: Checkpointer, metrics: Metrics) -> NonFiniteLoss:
