@@ -367,6 +367,7 @@ def test_size_mismatch_and_bad_values_are_named(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("locality probe: error: ") and f"{bad.name}: label value" in err[0]
 
 
+@pytest.mark.slow
 def test_empty_split_and_missing_dirs(tmp_path):
     root = write_demo(tmp_path / "scenes", n_train=2, n_val=1)
     for f in (root / "val" / "images").iterdir():
