@@ -39,7 +39,7 @@ import torch
 
 from prismatic_locality import precision as P
 from prismatic_locality import vit as V
-from prismatic_locality.checkpoint import write_json
+from prismatic_locality.fileio import write_json
 from prismatic_locality.decoder import MaskEmbedDecoder
 from prismatic_locality.maskembed import (MaskEmbed, Teacher, default_decoder_config,
                                           make_encoder, peak_tflops, train_flops_per_image)
@@ -90,15 +90,16 @@ def build(model: str, path: str, device: torch.device, compile_: bool, grad_ckpt
     decoder = MaskEmbedDecoder(default_decoder_config(teacher.spec, V.vit_spec(encoder))).to(device)
     if path == "fast-bf16":  # what align.train does for bf16 on CPU
         P.switch_attention("bf16", device, teacher.vit, decoder)
-    model_ = MaskEmbed(encoder, decoder, teacher)
+    model_ = MaskEmbed(encoder, decoder)
     opt = torch.optim.AdamW(model_.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=on_gpu)
     step_fn = torch.compile(model_) if compile_ else model_  # both paths: the reference compiles too
-    return model_, step_fn, opt
+    teacher_fn = torch.compile(teacher) if compile_ else teacher
+    return model_, teacher_fn, step_fn, opt
 
 
-def run_step(model, step_fn, opt, images, masks, device, bf16: bool):
+def run_step(model, teacher, step_fn, opt, images, masks, device, bf16: bool):
     with P.autocast("bf16" if bf16 else "fp32", device):
-        loss = step_fn(images, masks)
+        loss = step_fn(images, masks, teacher(images, masks))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -112,8 +113,8 @@ def sync(device):
 
 
 def measure(model_name, path, batch, steps, warmup, device, compile_, grad_ckpt):
-    model, step_fn, opt = build(model_name, path, device, compile_, grad_ckpt)
-    spec = model.teacher.spec
+    model, teacher, step_fn, opt = build(model_name, path, device, compile_, grad_ckpt)
+    spec = teacher.spec
     sampler = UniformMaskSampler(spec.num_patches)
     g = torch.Generator(device="cpu").manual_seed(0)
     images = torch.randn(batch, 3, spec.img_size, spec.img_size, generator=g).to(device)
@@ -124,7 +125,7 @@ def measure(model_name, path, batch, steps, warmup, device, compile_, grad_ckpt)
         masks = sampler(batch, step_generator(0, i, device))
         sync(device)
         t0 = time.perf_counter()
-        loss = run_step(model, step_fn, opt, images, masks, device, bf16=device.type == "cuda" or path == "fast-bf16")
+        loss = run_step(model, teacher, step_fn, opt, images, masks, device, bf16=device.type == "cuda" or path == "fast-bf16")
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)

@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from prismatic_locality import vit as V
-from prismatic_locality.checkpoint import write_json
+from prismatic_locality.fileio import write_json
 from prismatic_locality.probe.backbone import Backbone
 from prismatic_locality.probe.datasets import ProbeDataset
 from prismatic_locality import precision as P

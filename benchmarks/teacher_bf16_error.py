@@ -26,7 +26,7 @@ import torch
 
 from prismatic_locality import precision as P
 from prismatic_locality import vit as V
-from prismatic_locality.checkpoint import write_json
+from prismatic_locality.fileio import write_json
 from prismatic_locality.demo import scenes as S
 from prismatic_locality.demo import teacher as T
 from prismatic_locality.maskembed import Teacher

@@ -33,7 +33,8 @@ from typing import Optional
 import torch
 
 from . import vit as V
-from .checkpoint import CheckpointError, check_output_dir, load_aligned, load_state, save_aligned, split_state
+from .checkpoint import CheckpointError, load_aligned, load_module_state, save_aligned, split_state
+from .fileio import check_output_dir
 from .cli import ArgumentParser
 from .decoder import DecoderConfig, MaskEmbedDecoder
 from .maskembed import make_encoder
@@ -193,8 +194,8 @@ def convert(src: str | Path, out: str | Path, *, use_ema: bool = True, model: Op
     decoder = MaskEmbedDecoder(decoder_config(dec_state, V.vit_spec(encoder), str(src)))
     built = f"student built as '{name}' with {timm_kwargs or 'no overrides'}, softcap {softcap}"
     try:
-        load_state(encoder, enc_state, "encoder", f"{src} [{which}]")
-        load_state(decoder, dec_state, "decoder", f"{src} [{which}]")
+        load_module_state(encoder, enc_state, "encoder", f"{src} [{which}]")
+        load_module_state(decoder, dec_state, "decoder", f"{src} [{which}]")
     except RuntimeError as e:  # shape mismatches
         raise CheckpointError(f"{src} [{which}]: {str(e).splitlines()[1].strip()} ({built})") from None
     except CheckpointError as e:  # missing / unexpected keys

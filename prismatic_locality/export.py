@@ -100,7 +100,8 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "timm", drop_soft
            batch_size: int = 32, seed: int = 0) -> dict:
     """Write the export directory atomically; returns its config.json. ValueError (nothing written)
     for ``drop_softcap`` when the measured feature error is not below `tolerance`."""
-    from .checkpoint import CheckpointError, atomic_dir_write, load_aligned, write_json
+    from .checkpoint import CheckpointError, load_aligned
+    from .fileio import atomic_dir_write, write_json
     from .inspect import feature_error, load_images
 
     if fmt not in FORMATS:
@@ -162,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.num_images <= 0 or args.batch_size <= 0:
         p.error(f"--num-images and --batch-size must be > 0, got {args.num_images}/{args.batch_size}")
-    from .checkpoint import check_output_dir
+    from .fileio import check_output_dir
 
     try:
         check_output_dir(args.out, "out")

@@ -245,7 +245,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_outputs(out: Path, result: dict) -> Path:
-    from .checkpoint import atomic_dir_write
+    from .fileio import atomic_dir_write
 
     def write(tmp: Path):
         (tmp / "inspect.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -293,7 +293,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in ("num_images", "batch_size", "probe_train", "probe_val", "probe_epochs"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    from .checkpoint import CheckpointError, check_output_dir, load_aligned
+    from .checkpoint import CheckpointError, load_aligned
+    from .fileio import check_output_dir
 
     ckpt = Path(args.checkpoint)
     out = Path(args.output_dir) if args.output_dir else ckpt.with_name(ckpt.name + "-inspect")

@@ -21,10 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import vit as V
+from .choices import LOSSES, TARGETS, TEACHER_MASKING
 from .decoder import DecoderConfig, MaskEmbedDecoder
 
-TARGETS = ("penultimate", "last", "cls")
-LOSSES = ("mse", "cosine", "l1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,8 +46,8 @@ class Teacher(nn.Module):
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"unknown target '{target}' ({' | '.join(TARGETS)})")
-        if masking not in ("token", "pixel"):
-            raise ValueError(f"unknown teacher masking '{masking}' (token | pixel)")
+        if masking not in TEACHER_MASKING:
+            raise ValueError(f"unknown teacher masking '{masking}' ({' | '.join(TEACHER_MASKING)})")
         self.vit = vit.eval().requires_grad_(False)
         self.spec = V.vit_spec(vit)
         self.target = target
@@ -155,27 +154,38 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "m
 
 
 class MaskEmbed(nn.Module):
-    """Encoder f_θ + decoder g_ψ trained against the frozen teacher h (the teacher is not a
-    sub-module, so `state_dict()` holds exactly `encoder.*` and `decoder.*`)."""
+    """The trained side of Eq. 1: encoder f_θ and decoder g_ψ. `state_dict()` holds exactly
+    `encoder.*` and `decoder.*` (the aligned checkpoint's keys); the frozen teacher h is not part of
+    it: its output is the `target` argument, so one training step reads
 
-    def __init__(self, encoder: nn.Module, decoder: MaskEmbedDecoder, teacher: Teacher, loss: str = "mse"):
+        target = teacher(images, masks)           # h(x ⊙ m)
+        loss = student(images, masks, target)     # ||g_ψ(f_θ(x) ⊙ m) − h(x ⊙ m)||²
+
+    pooled_target: the teacher's target is its pooled "cls" output (M, 1, D); the decoder's
+    prefix-token outputs (or all of them, without a prefix) are averaged to match.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: MaskEmbedDecoder, loss: str = "mse", pooled_target: bool = False):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss '{loss}' ({' | '.join(LOSSES)})")
         self.encoder = encoder
         self.decoder = decoder
         self.loss = loss
-        object.__setattr__(self, "teacher", teacher)  # held, not registered: frozen, never saved
+        self.pooled_target = pooled_target
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) normalised; masks (B, K, N) keep-masks. Returns the scalar loss."""
+    def forward(self, images: torch.Tensor, masks: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) normalised; masks (B, K, N) keep-masks; target (B·K, T, D) = h(x ⊙ m).
+        Returns the scalar loss."""
         K = masks.shape[1]
-        target = self.teacher(images, masks)                                  # h(x ⊙ m)
         z = encode(self.encoder, images).repeat_interleave(K, dim=0)          # f_θ(x), once per image
         pred = self.decoder(z, masks.flatten(0, 1))                           # g_ψ(f_θ(x) ⊙ m)
-        if self.teacher.target == "cls":  # one pooled vector: the prefix outputs, or all outputs without a prefix
+        if self.pooled_target:
             p = self.decoder.num_prefix_tokens
             pred = (pred[:, :p] if p else pred).mean(1, keepdim=True)
+        if pred.shape != target.shape:  # a broadcast would be a silently wrong loss
+            raise ValueError(f"MaskEmbed: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ "
+                             f"(a pooled 'cls' target needs pooled_target=True)")
         return reconstruction_loss(pred, target, self.loss)
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .choices import MASK_KINDS
+
 
 def _with_extras(m: torch.Tensor, complement: bool, null: bool) -> torch.Tensor:
     """(B, N) base masks -> (B, K, N) with the complement and/or all-ones mask appended."""
@@ -143,7 +145,7 @@ def build_mask_sampler(kind: str, grid: int, complement: bool, null: bool, keep_
         return BernoulliMaskSampler(n, keep_prob, complement, null)
     if kind == "block":
         return BlockMaskSampler(grid, block_ratio, complement=complement, null=null)
-    raise ValueError(f"unknown masks.kind '{kind}' (uniform | bernoulli | block)")
+    raise ValueError(f"unknown masks.kind '{kind}' ({' | '.join(MASK_KINDS)})")
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu", stream: int = 0) -> torch.Generator:

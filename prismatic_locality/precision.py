@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from . import vit as V
+from .choices import PRECISIONS
 
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def resolve(precision: str, device: torch.device | str, field: str = "precision") -> str:

@@ -52,6 +52,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 from .activations import act_name
+from .choices import ATTN_IMPLS
 
 # --------------------------------------------------------------------------------------------
 # Creation
@@ -327,7 +328,7 @@ def softcap_attention(q, k, v, scale: float, cap: float, impl: str = "auto") -> 
 
         return _compiled_flex(q, k, v, score_mod=score_mod, scale=scale)
     if impl != "math":
-        raise ValueError(f"unknown attention impl '{impl}' (auto | flex | math)")
+        raise ValueError(f"unknown attention impl '{impl}' ({' | '.join(ATTN_IMPLS)})")
     logits = (q * scale) @ k.transpose(-2, -1)
     logits = cap * torch.tanh(logits / cap)
     return logits.softmax(dim=-1) @ v
@@ -459,12 +460,6 @@ def softcap_of(model: nn.Module) -> float:
     if len(caps) > 1:
         raise ValueError(f"'{model_name(model)}' has blocks with different soft-caps {sorted(caps)}")
     return caps.pop() if caps else 0.0
-
-
-def set_attention_impl(model: nn.Module, impl: str) -> None:
-    for m in model.modules():
-        if isinstance(m, SoftCapAttention):
-            m.impl = impl
 
 
 def set_fused_attention(model: nn.Module, enabled: bool) -> int:
@@ -696,7 +691,6 @@ __all__ = [
     "apply_softcap",
     "set_softcap",
     "softcap_of",
-    "set_attention_impl",
     "null_patch_token",
     "embed",
     "rope_embed",

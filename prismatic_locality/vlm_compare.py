@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prismatic_locality.checkpoint import write_json, write_text
+from prismatic_locality.fileio import write_json, write_text
 
 MISSING = "—"
 

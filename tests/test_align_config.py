@@ -192,3 +192,15 @@ def test_locality_align_command_routes_to_the_trainer(capsys):
 
     assert cli_main(["align", "--recipe", "siglip-b-224", "--data.format", "zip", "--data.root", "/d"]) == 1
     assert "config field 'data.format'" in capsys.readouterr().err
+
+
+def test_every_config_field_is_classified_for_resume():
+    """A new AlignConfig field must be added to one of state.py's lists: resumable (where/how it runs)
+    or result-defining (a resume refuses a change)."""
+    from prismatic_locality.align.state import RESULT_FIELDS, RESUMABLE_CHANGES, config_fields
+
+    names = config_fields(to_dict(AlignConfig()))
+    assert not set(RESUMABLE_CHANGES) & set(RESULT_FIELDS)
+    assert sorted(names) == sorted(RESUMABLE_CHANGES + RESULT_FIELDS), (
+        f"unclassified: {sorted(set(names) - set(RESUMABLE_CHANGES + RESULT_FIELDS))}, "
+        f"unknown: {sorted(set(RESUMABLE_CHANGES + RESULT_FIELDS) - set(names))}")

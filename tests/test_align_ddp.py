@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from prismatic_locality.align.config import parse_config
 from prismatic_locality.align.train import train
-from prismatic_locality.checkpoint import recover_dir
+from prismatic_locality.fileio import recover_dir
 
 from test_align_train import TINY, write_tree  # noqa: E402  (tests/ is on sys.path under pytest)
 

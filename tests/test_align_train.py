@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import prismatic_locality.checkpoint as CK
+import prismatic_locality.fileio as FIO
 import prismatic_locality.maskembed as ME
 from prismatic_locality.align.config import parse_config
 from prismatic_locality.align.train import NonFiniteLoss, main, train
@@ -288,10 +288,10 @@ def test_a_kill_inside_the_state_swap_resumes_from_the_complete_copy(tmp_path, d
                 raise Crash("killed between the renames")
         return real(src, dst)
 
-    monkeypatch.setattr(CK.os, "replace", replace)
+    monkeypatch.setattr(FIO.os, "replace", replace)
     with pytest.raises(Crash):
         train(tiny_cfg(tmp_path, "--run_name", "crash"))
-    monkeypatch.setattr(CK.os, "replace", real)
+    monkeypatch.setattr(FIO.os, "replace", real)
     assert not state.exists()
     calls = count_loss_calls(monkeypatch)
     out = train(tiny_cfg(tmp_path, "--run_name", "crash"))
@@ -370,3 +370,53 @@ def test_a_signal_saves_the_state_and_exits_with_one_line(tmp_path, data, monkey
     monkeypatch.setattr(ME, "reconstruction_loss", real)
     out = train(tiny_cfg(tmp_path, "--run_name", "crash"))
     assert same_weights(ref, out) and logged(ref.parent) == logged(out.parent)
+
+
+def test_train_step_is_equation_1_by_hand():
+    """`train_step` = target = teacher(x, m); loss = student(x, m, target); backward; clip; AdamW step:
+    the same weights as those lines written out, with two micro-batches accumulated."""
+    import contextlib
+    import copy
+
+    import torch.nn.functional as F
+
+    from prismatic_locality import vit as V
+    from prismatic_locality.align import distributed as D
+    from prismatic_locality.align.train import train_step
+    from prismatic_locality.decoder import MaskEmbedDecoder
+    from prismatic_locality.masks import UniformMaskSampler, step_generator
+
+    torch.manual_seed(0)
+    vit = V.create_vit("vit_tiny_patch16_224", **json.loads(TINY))
+    teacher = ME.Teacher(copy.deepcopy(vit))
+    encoder = ME.make_encoder(copy.deepcopy(vit), 48)
+    with torch.no_grad():
+        encoder.head.weight.normal_(0, 0.05)   # a non-zero head, so the encoder gets gradients too
+    student = ME.MaskEmbed(encoder, MaskEmbedDecoder(ME.default_decoder_config(teacher.spec, V.vit_spec(encoder))))
+    twin = copy.deepcopy(student)
+    s = teacher.spec
+    x = torch.randn(4, 3, s.img_size, s.img_size, generator=torch.Generator().manual_seed(1))
+    masks = UniformMaskSampler(s.num_patches)(4, step_generator(0, 0))
+    info = D.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), owns_process_group=False)
+
+    def adamw(m):
+        return torch.optim.AdamW(m.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01)
+
+    opt = adamw(student)
+    micro = iter([(x[:2], masks[:2]), (x[2:], masks[2:])])
+    loss, grad_norm = train_step(student, teacher, opt, list(student.parameters()), micro, 2, 0.5,
+                                 contextlib.nullcontext, info)
+
+    opt2, total = adamw(twin), 0.0
+    for xs, ms in ((x[:2], masks[:2]), (x[2:], masks[2:])):
+        K = ms.shape[1]
+        pred = twin.decoder(ME.encode(twin.encoder, xs).repeat_interleave(K, 0), ms.flatten(0, 1))
+        part = F.mse_loss(pred, teacher(xs, ms))
+        (part / 2).backward()
+        total += part.item() / 2
+    norm = torch.nn.utils.clip_grad_norm_(list(twin.parameters()), 0.5)
+    opt2.step()
+    assert loss == pytest.approx(total, rel=1e-6) and grad_norm == pytest.approx(norm.item(), rel=1e-6)
+    for (name, a), b in zip(student.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert all(p.grad is None for p in student.parameters())  # zeroed for the next step

@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from prismatic_locality import checkpoint
+from prismatic_locality import fileio
 from prismatic_locality import vit as V
-from prismatic_locality.checkpoint import (CheckpointError, atomic_dir_write, is_aligned_checkpoint, load_aligned,
+from prismatic_locality.checkpoint import (CheckpointError, is_aligned_checkpoint, load_aligned,
                                            read_config, save_aligned)
 from prismatic_locality.decoder import MaskEmbedDecoder
+from prismatic_locality.fileio import atomic_dir_write
 from prismatic_locality.maskembed import default_decoder_config, encode, make_encoder
 
 from conftest import TINY, tiny_vit
@@ -132,7 +133,7 @@ def _kill_between_the_renames(monkeypatch):
             raise Killed
         return real(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(fileio.os, "replace", replace)
     return real
 
 
@@ -142,10 +143,10 @@ def test_a_kill_between_the_renames_is_recovered_by_the_next_write_or_read(tmp_p
     real = _kill_between_the_renames(monkeypatch)
     with pytest.raises(Killed):
         atomic_dir_write(out, lambda d: (d / "v").write_text("2"))
-    monkeypatch.setattr(checkpoint.os, "replace", real)
+    monkeypatch.setattr(fileio.os, "replace", real)
     # what a kill leaves: no state/, the old version moved aside, the new one complete beside it
     assert not out.exists() and len(list(tmp_path.iterdir())) == 2
-    assert "recovered" in checkpoint.recover_dir(out)
+    assert "recovered" in fileio.recover_dir(out)
     assert (out / "v").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["state"]
 
 
@@ -167,8 +168,8 @@ def test_files_get_the_permissions_of_a_plain_open(tmp_path):
 
     atomic_dir_write(tmp_path / "c", write)
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "c").iterdir()}
-    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~checkpoint._umask(), modes
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~fileio._umask(), modes
     enc, dec = trained_pair()                        # and a real checkpoint
     name, kw = TINY["clip"]
     out = save_aligned(tmp_path / "real", enc, dec, model_name=name, softcap=30.0, timm_kwargs=kw)
-    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o666 & ~checkpoint._umask()}
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o666 & ~fileio._umask()}

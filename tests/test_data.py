@@ -239,3 +239,26 @@ def test_a_healthy_shard_is_not_reported_damaged(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         src = open_source(str(tmp_path), "train", format="wds")
     assert src.damaged_shards == 0 and len(src) == 6 and not caplog.records
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        raise ValueError(f"image {i} is unreadable")
+
+
+def test_a_worker_error_stops_the_workers_at_once():
+    """Workers ignore SIGTERM (the trainer saves before it stops), so one left running after an error
+    is terminated in vain at exit and joined forever: the error must stop them itself."""
+    import multiprocessing
+
+    from prismatic_locality.align.train import _ignore_stop_signals
+    from prismatic_locality.data import surface_worker_errors
+
+    loader = torch.utils.data.DataLoader(_Unreadable(), batch_size=2, num_workers=2, worker_init_fn=_ignore_stop_signals)
+    with pytest.raises(ValueError, match="unreadable") as excinfo:
+        for _ in surface_worker_errors(loader):
+            pass
+    assert excinfo.value is not None and not multiprocessing.active_children()

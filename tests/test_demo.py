@@ -55,7 +55,6 @@ def test_macro_recall_ignores_classes_without_positives():
     assert T.macro_recall(pred, target) == pytest.approx((0.5 + 1.0) / 2)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("native, precision, recipe", [(True, "bf16", "demo-bf16"), (False, "fp32", "demo")])
 def test_demo_uses_bf16_only_on_hardware_bf16(monkeypatch, native, precision, recipe):
     monkeypatch.setattr(D.V, "cpu_has_native_bf16", lambda: native)
@@ -65,6 +64,7 @@ def test_demo_uses_bf16_only_on_hardware_bf16(monkeypatch, native, precision, re
     assert (forced.precision, forced.recipe) == ("fp32", "demo")
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_a_well_formed_report(tmp_path):
     if not T.SHIPPED_TEACHER.is_file():
         pytest.fail(f"shipped teacher missing: {T.SHIPPED_TEACHER}")

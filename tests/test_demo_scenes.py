@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from prismatic_locality.demo import scenes as S
 
@@ -80,9 +81,11 @@ def test_write_and_read_back_demo_layout(tmp_path, small):
     assert json.loads((root / "classes.json").read_text()) == S.CLASSES
     for split in S.SPLITS:
         assert len(list((root / split / "images").glob("*.png"))) == 60
-        back = S.read_split(root, split)
-        assert np.array_equal(back.images, small[split].images)
-        assert np.array_equal(back.labels, small[split].labels)
+        files = sorted((root / split / "images").glob("*.png"))  # ids sorted, as written
+        images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        labels = np.stack([np.asarray(Image.open(root / split / "labels" / f.name)) for f in files])
+        assert np.array_equal(images, small[split].images)
+        assert np.array_equal(labels, small[split].labels)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
 
 

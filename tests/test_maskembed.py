@@ -146,11 +146,12 @@ def test_losses():
 
 def test_maskembed_equation_1_and_gradients():
     _, teacher, encoder, decoder = build("clip")
-    model = MaskEmbed(encoder, decoder, teacher)
+    model = MaskEmbed(encoder, decoder)
     s = teacher.spec
     x = images(s)
     masks = UniformMaskSampler(s.num_patches)(2, step_generator(0, 0))
-    loss = model(x, masks)
+    target = teacher(x, masks)
+    loss = model(x, masks, target)
     # Eq. 1 by hand
     z = encode(encoder, x).repeat_interleave(3, 0)
     expected = ((decoder(z, masks.flatten(0, 1)) - teacher(x, masks)) ** 2).mean()
@@ -161,9 +162,10 @@ def test_maskembed_equation_1_and_gradients():
     assert {k.split(".")[0] for k in model.state_dict()} == {"encoder", "decoder"}
 
 
+@pytest.mark.slow
 def test_maskembed_learns():
     _, teacher, encoder, decoder = build("clip")
-    model = MaskEmbed(encoder, decoder, teacher)
+    model = MaskEmbed(encoder, decoder)
     s = teacher.spec
     x = images(s, 8)
     batches = [(x, UniformMaskSampler(s.num_patches)(8, step_generator(0, i))) for i in range(2)]
@@ -171,7 +173,8 @@ def test_maskembed_learns():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
     losses = []
     for step in range(40):
-        loss = model(x, UniformMaskSampler(s.num_patches)(8, step_generator(1, step)))
+        masks = UniformMaskSampler(s.num_patches)(8, step_generator(1, step))
+        loss = model(x, masks, teacher(x, masks))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -194,11 +197,12 @@ def test_analytic_flops_match_what_torch_counts():
         decoder = MaskEmbedDecoder(default_decoder_config(teacher.spec, V.vit_spec(encoder)))
         V.set_fused_attention(teacher.vit, False)
         V.set_fused_attention(decoder, False)
-        model = MaskEmbed(encoder, decoder, teacher)
+        model = MaskEmbed(encoder, decoder)
         s, b = teacher.spec, 2
         sampler = UniformMaskSampler(s.num_patches)
         with FlopCounterMode(display=False) as fc:
-            model(images(s, b), sampler(b, step_generator(0, 0, torch.device("cpu")))).backward()
+            x, masks = images(s, b), sampler(b, step_generator(0, 0, torch.device("cpu")))
+            model(x, masks, teacher(x, masks)).backward()
         counted[masking] = fc.get_total_flops() / b
     analytic = train_flops_per_image(s, V.vit_spec(encoder), decoder.cfg, sampler.masks_per_image)["total"]
     patch_embed = 2 * s.num_patches * 3 * s.patch_size**2 * s.embed_dim
@@ -215,7 +219,7 @@ def test_cls_target_prediction_pools_prefix_outputs_or_all_outputs_without_prefi
     token (SigLIP) pools all its outputs, as its teacher's pooled head sees all tokens."""
     vit, _, encoder, decoder = build(kind)
     teacher = Teacher(copy.deepcopy(vit), target="cls")
-    model = MaskEmbed(encoder, decoder, teacher)
+    model = MaskEmbed(encoder, decoder, pooled_target=True)
     with torch.no_grad():  # make the decoder's outputs differ across tokens
         encoder.head.weight.normal_(0, 0.1)
     s = teacher.spec
@@ -224,4 +228,19 @@ def test_cls_target_prediction_pools_prefix_outputs_or_all_outputs_without_prefi
     out = decoder(encode(encoder, x).repeat_interleave(3, 0), masks.flatten(0, 1))
     p = s.num_prefix_tokens
     pooled = (out[:, :p] if p else out).mean(1, keepdim=True)
-    assert torch.equal(model(x, masks), F.mse_loss(pooled, teacher(x, masks)))
+    assert torch.equal(model(x, masks, teacher(x, masks)), F.mse_loss(pooled, teacher(x, masks)))
+
+
+def test_the_student_holds_no_hidden_modules_and_its_state_is_encoder_and_decoder():
+    """The teacher is an argument of the step, not a module smuggled past nn.Module: every module the
+    student holds is registered (so .to(), DDP and compile see the same thing), and its state_dict is
+    exactly the aligned checkpoint's encoder.* / decoder.*."""
+    _, teacher, encoder, decoder = build("clip")
+    model = MaskEmbed(encoder, decoder)
+    assert not [k for k, v in vars(model).items() if isinstance(v, torch.nn.Module)]
+    assert {k.split(".")[0] for k in model.state_dict()} == {"encoder", "decoder"}
+    s = teacher.spec
+    x, masks = images(s), UniformMaskSampler(s.num_patches)(2, step_generator(0, 0))
+    cls_target = Teacher(copy.deepcopy(teacher.vit), target="cls")(x, masks)
+    with pytest.raises(ValueError, match="pooled_target"):  # a broadcast would be a silently wrong loss
+        model(x, masks, cls_target)

@@ -90,13 +90,13 @@ def test_cpu_bf16_attention_switch_is_scoped(one_thread):
 
 
 def test_probe_heads_auto_on_cpu_is_fp32_bit_for_bit(tmp_path, one_thread):
-    from prismatic_locality.probe.train import HeadConfig, OptimConfig, fit_probe
+    from prismatic_locality.probe.train import HeadConfig, ProbeOptimConfig, fit_probe
 
     train, _, _ = _split(tmp_path, "fp32")
     opt = dict(batch_size=2, epochs=1, warmup_steps=1)
     head = HeadConfig(depth=1)
-    a, _ = fit_probe(train, train, "local", 3, head, OptimConfig(precision="fp32", **opt))
-    b, _ = fit_probe(train, train, "local", 3, head, OptimConfig(precision="auto", **opt))
+    a, _ = fit_probe(train, train, "local", 3, head, ProbeOptimConfig(precision="fp32", **opt))
+    b, _ = fit_probe(train, train, "local", 3, head, ProbeOptimConfig(precision="auto", **opt))
     assert a["epochs"] == b["epochs"] and b["precision"] == "fp32"
 
 

@@ -10,15 +10,15 @@ from PIL import Image
 from prismatic_locality import checkpoint as C
 from prismatic_locality import maskembed as M
 from prismatic_locality.decoder import DecoderConfig, MaskEmbedDecoder
-from prismatic_locality.checkpoint import write_json
+from prismatic_locality.fileio import write_json
 from prismatic_locality.probe import compare as probe_compare
 from prismatic_locality.probe import features as F
 from prismatic_locality.probe import labels as L
 from prismatic_locality.probe import run as probe_run
 from prismatic_locality.probe.backbone import Backbone, BackboneConfig
 from prismatic_locality.probe.datasets import ProbeDataset
-from prismatic_locality.probe.run import DataConfig, ProbeConfig, run_probe
-from prismatic_locality.probe.train import HeadConfig, OptimConfig
+from prismatic_locality.probe.run import ProbeDataConfig, ProbeConfig, run_probe
+from prismatic_locality.probe.train import HeadConfig, ProbeOptimConfig
 
 from conftest import TINY, tiny_vit
 
@@ -84,8 +84,8 @@ def tiny_cfg(root, dataset, tmp_path, **kw):
     cfg = ProbeConfig(
         backbone=BackboneConfig(name=TINY_NAME, pretrained=False, timm_kwargs=dict(TINY_KW, depth=2)),
         dataset=dataset,
-        data=DataConfig(root=str(root), num_workers=0),
-        optim=OptimConfig(batch_size=4, epochs=2, warmup_steps=2),
+        data=ProbeDataConfig(root=str(root), num_workers=0),
+        optim=ProbeOptimConfig(batch_size=4, epochs=2, warmup_steps=2),
         device="cpu",
         cache_dir=str(tmp_path / "cache"),
         output_dir=str(tmp_path / "out"),
@@ -191,7 +191,7 @@ def test_killed_extraction_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(got.features), np.asarray(ref.features))
     assert np.array_equal(np.asarray(got.patch), np.asarray(ref.patch))
     assert np.array_equal(np.asarray(got.fractions), np.asarray(ref.fractions))
-    assert F.read_meta(got.features_dir)["resumed_at"] == 8 and not list(cache.glob("*.partial"))
+    assert json.loads((got.features_dir / "meta.json").read_text())["resumed_at"] == 8 and not list(cache.glob("*.partial"))
 
     # a partial made with another batch size is not mixed in: extraction starts over
     calls.update(n=0, kill_at=2)
@@ -199,7 +199,7 @@ def test_killed_extraction_resumes_to_the_same_bytes(tmp_path, monkeypatch):
         F.build_split(ds, bb, tmp_path / "other", batch_size=4)
     calls.update(n=0, kill_at=None)
     again = F.build_split(ds, bb, tmp_path / "other", batch_size=6)
-    assert calls["n"] == 2 and F.read_meta(again.features_dir)["resumed_at"] == 0
+    assert calls["n"] == 2 and json.loads((again.features_dir / "meta.json").read_text())["resumed_at"] == 0
 
 
 def test_a_second_extraction_of_the_same_cache_waits_for_the_first(tmp_path):
@@ -367,6 +367,7 @@ def test_size_mismatch_and_bad_values_are_named(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("locality probe: error: ") and f"{bad.name}: label value" in err[0]
 
 
+@pytest.mark.slow
 def test_empty_split_and_missing_dirs(tmp_path):
     root = write_demo(tmp_path / "scenes", n_train=2, n_val=1)
     for f in (root / "val" / "images").iterdir():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import runpy
 import subprocess
 import sys
@@ -422,3 +423,12 @@ def test_missing_llava_is_stubbed_until_used(fake_harness, monkeypatch):
         LlavaLlamaForCausalLM.from_pretrained("liuhaotian/llava-v1.5-7b")
     with pytest.raises(ModuleNotFoundError, match="conv_templates"):
         conv_templates["llava_v1"]
+
+
+def test_vlm_compare_imports_no_torch():
+    """It reads and writes JSON only: importing it (and the file I/O it uses) must not pull in torch."""
+    code = "import sys, prismatic_locality.vlm_compare; print('torch' in sys.modules, 'timm' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False"], r.stdout

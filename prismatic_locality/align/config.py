@@ -22,16 +22,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import draccus
 
-TARGETS = ("penultimate", "last", "cls")
-LOSSES = ("mse", "cosine", "l1")
-MASK_KINDS = ("uniform", "bernoulli", "block")
-TEACHER_MASKING = ("token", "pixel")
+from ..choices import ATTN_IMPLS, DATA_FORMATS, LOSSES, MASK_KINDS, PRECISIONS, TARGETS, TEACHER_MASKING
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-PRECISIONS = ("auto", "bf16", "fp32")  # precision.py
 AUGMENTS = ("rkrc", "none")
 INTERPOLATIONS = ("random", "bilinear", "bicubic")
-DATA_FORMATS = ("auto", "folder", "wds")
-ATTN_IMPLS = ("auto", "flex", "math")
 
 
 @dataclass
@@ -63,7 +58,7 @@ class EncoderConfig:
 
 
 @dataclass
-class DecoderOptions:
+class DecoderSettings:
     width: Optional[int] = None      # None (null) = the teacher's width (reference)
     depth: int = 2
     init_values: float = 1e-6        # LayerScale init: a weak decoder avoids the identity solution
@@ -124,7 +119,7 @@ class AlignConfig:
     recipe: Optional[str] = None
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    decoder: DecoderOptions = field(default_factory=DecoderOptions)
+    decoder: DecoderSettings = field(default_factory=DecoderSettings)
     masks: MaskConfig = field(default_factory=MaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -158,12 +153,10 @@ class AlignConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def _recipe(name: str, teacher: str, lr: float, micro_batch: int, **changes) -> AlignConfig:
-    cfg = AlignConfig(recipe=name, teacher=TeacherConfig(model=teacher),
-                      optim=OptimConfig(lr=lr), global_batch=1024, micro_batch=micro_batch)
-    for key, value in changes.items():
-        _set(cfg, key, value)
-    return cfg
+def _recipe(name: str, teacher: str, lr: float, micro_batch: int, timm_kwargs: Optional[dict] = None) -> AlignConfig:
+    """A main-run recipe: the teacher, its lr (min_lr = lr / 10) and per-GPU micro-batch; global batch 1024."""
+    return AlignConfig(recipe=name, teacher=TeacherConfig(model=teacher, timm_kwargs=dict(timm_kwargs or {})),
+                       optim=OptimConfig(lr=lr), global_batch=1024, micro_batch=micro_batch)
 
 
 def demo_recipe() -> AlignConfig:
@@ -222,7 +215,7 @@ RECIPES: Dict[str, Callable[[], AlignConfig]] = {
     "siglip2-so400m-384": lambda: _recipe("siglip2-so400m-384", "vit_so400m_patch16_siglip_384.v2_webli", 2e-4, 16),
     "pe-core-l-336": lambda: _recipe("pe-core-l-336", "vit_pe_core_large_patch14_336.fb", 2e-4, 32),
     "dinov3-l-16": lambda: _recipe("dinov3-l-16", "vit_large_patch16_dinov3.lvd1689m", 2e-4, 64,
-                                   **{"teacher.timm_kwargs": {"img_size": 256}}),
+                                   timm_kwargs={"img_size": 256}),
     "eva02-l-clip-336": lambda: _recipe("eva02-l-clip-336", "eva02_large_patch14_clip_336.merged2b", 2e-4, 32),
     "aimv2-l-336": lambda: _recipe("aimv2-l-336", "aimv2_large_patch14_336.apple_pt", 2e-4, 32),
     "c-radio-v3-l": lambda: _recipe("c-radio-v3-l", "vit_large_patch16_radio_v3.c_radio", 2e-4, 16),
@@ -251,13 +244,6 @@ def get_recipe(name: str) -> AlignConfig:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe '{name}' (known: {', '.join(RECIPES)})")
     return RECIPES[name]()
-
-
-def _set(cfg: Any, dotted: str, value: Any) -> None:
-    *path, last = dotted.split(".")
-    for p in path:
-        cfg = getattr(cfg, p)
-    setattr(cfg, last, value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +386,7 @@ def parse_config(argv: Optional[List[str]] = None) -> AlignConfig:
 
 
 __all__ = [
-    "AlignConfig", "TeacherConfig", "EncoderConfig", "DecoderOptions", "MaskConfig", "DataConfig",
+    "AlignConfig", "TeacherConfig", "EncoderConfig", "DecoderSettings", "MaskConfig", "DataConfig",
     "OptimConfig", "RECIPES", "get_recipe", "describe_recipe", "demo_recipe", "parse_config", "validate",
     "check_finite", "to_dict",
 ]

@@ -1,8 +1,8 @@
 """Training state: everything a killed run needs to continue bit-identically.
 
-``{run_dir}/state/`` is written atomically as a whole directory (`checkpoint.atomic_dir_write`), so a
+``{run_dir}/state/`` is written atomically as a whole directory (`fileio.atomic_dir_write`), so a
 kill during a save leaves the previous state intact, or, in the instant between the renames that
-swap it, a complete copy beside it that the next run puts back (`checkpoint.recover_dir`):
+swap it, a complete copy beside it that the next run puts back (`fileio.recover_dir`):
 
 - ``model.safetensors``: the student (``encoder.*``, ``decoder.*``), the same keys as an aligned checkpoint;
 - ``optimizer.pt``: AdamW's state dict (tensors and numbers only; read with ``weights_only=True``);
@@ -23,22 +23,42 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import CheckpointError, atomic_dir_write, read_json, write_json
+from ..checkpoint import CheckpointError
+from ..fileio import atomic_dir_write, read_json, write_json
 from .optim import load_optimizer_state
 
 STATE_FORMAT = "prismatic-locality/align-state-v1"
 MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.json"
 
-# Config fields that may differ on resume: they change where/how things run, not the result
-# (micro_batch only changes how the global batch is accumulated).
+# Every `AlignConfig` field is in exactly one of these two lists (tests/test_align_config.py checks
+# it, so a new field must be classified). A resume refuses a config that differs from the saved one
+# in any field not listed as resumable (a field unknown to this version included).
+#
+# May differ on resume: they change where/how things run, not the result (micro_batch only changes
+# how the global batch is accumulated; teacher.weights and data.root may move).
 RESUMABLE_CHANGES = (
     "resume", "output_dir", "run_name", "save_every", "save_epoch_checkpoints", "log_every", "validate",
     "wandb", "wandb_project", "device", "compile", "micro_batch", "data.workers", "data.root",
     "teacher.weights", "encoder.attn_impl", "encoder.grad_checkpointing",
 )
+# Must match: they decide what is trained on, how, and what the result is.
+RESULT_FIELDS = (
+    "recipe", "teacher.model", "teacher.pretrained", "teacher.timm_kwargs", "teacher.target", "teacher.masking",
+    "teacher.dtype", "encoder.softcap", "decoder.width", "decoder.depth", "decoder.init_values", "masks.kind",
+    "masks.complement", "masks.null", "masks.keep_prob", "masks.block_ratio", "data.format", "data.train_split",
+    "data.val_split", "data.augment", "data.scale", "data.ratio", "data.hflip", "data.interpolation",
+    "data.val_batch_size", "data.val_max_images", "optim.lr", "optim.min_lr", "optim.weight_decay",
+    "optim.exclude_norm_bias_from_wd", "optim.betas", "optim.eps", "optim.clip_grad", "optim.warmup_steps",
+    "optim.warmup_lr", "loss", "target_scale", "epochs", "max_steps", "global_batch", "seed", "precision",
+)
 
 
-def save_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: dict) -> None:
+def config_fields(cfg: dict) -> list:
+    """The dotted names of a config dict's fields (`teacher.timm_kwargs` is one field, not a group)."""
+    return list(_flatten(cfg))
+
+
+def save_training_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: dict) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     optim_state = optimizer.state_dict()
 
@@ -56,13 +76,13 @@ def has_state(state_dir: Path) -> bool:
 
 def read_state_info(state_dir: Path) -> dict:
     path = Path(state_dir) / STATE_FILE
-    info = read_json(path, "no training state", CheckpointError)
+    info = read_json(path, "no training state", CheckpointError, missing=CheckpointError)
     if info.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: format is {info.get('format')!r}, expected {STATE_FORMAT!r}")
     return info
 
 
-def load_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_training_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     state_dir = Path(state_dir)
     info = read_state_info(state_dir)
     weights = state_dir / MODEL_FILE

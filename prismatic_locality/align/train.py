@@ -1,10 +1,21 @@
 """The MaskEmbed trainer: ``locality align`` / ``torchrun scripts/align.py`` / ``train(cfg)``.
 
-One optimiser step = one global batch of G images = micro_batch x accumulation x world size.
-For every micro-batch: the teacher h computes targets on the masked images, the encoder f_θ runs
-once on the clean images, the decoder g_ψ reconstructs the targets from the masked embeddings
-(`maskembed.MaskEmbed`); the loss is back-propagated under DDP ``no_sync`` except on the last
-micro-batch; then grad-norm clip, AdamW, cosine lr (spec A.0, A.8).
+One optimiser step (`train_step`) is Eq. 1 on one global batch of G images = micro_batch x
+accumulation x world size: for every micro-batch the frozen teacher h computes the targets on the
+masked images, the student (encoder f_θ + decoder g_ψ, `maskembed.MaskEmbed`) reconstructs them from
+the clean images' embeddings, the loss is back-propagated (under DDP ``no_sync`` except on the last
+micro-batch); then grad-norm clip, AdamW, cosine lr.
+
+`train` is set up in named parts, each a function or object below:
+
+    build_model      student (encoder f_θ + decoder g_ψ) and teacher h; seeded
+    build_teacher    the teacher ready to run, in one place: frozen, on the device, cast, compiled
+    build_data       seeded images, global batch order, mask sampler
+    Checkpointer     restore-or-start, should_save, save; aligned exports       (checkpointer.py)
+    parallelize      how the student runs: attention kernel → activation checkpointing → DDP → compile
+    Metrics          metrics.jsonl (+ wandb) and the log window: loss, img/s, MFU   (metrics.py)
+    train_step       one optimiser update
+    _loop            steps, logging, validation, saving, stopping
 
 Everything random is a pure function of (seed, step) (see `data.dataset`), so a 2-process run
 equals a 1-process run at the same global batch, and a killed run resumed from its last training
@@ -19,16 +30,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
+import io
 import logging
 import math
 import os
 import signal
 import sys
 import threading
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import draccus
 import torch
@@ -39,17 +50,18 @@ from tqdm import tqdm
 
 from .. import precision as P
 from .. import vit as V
-from ..checkpoint import CheckpointError, check_output_dir, recover_dir, save_aligned
 from ..data import RKRC, EvalTransform, GlobalBatchOrder, SeededImages, collate, open_source, surface_worker_errors
 from ..data.dataset import CROPPED, UNREADABLE
 from ..decoder import MaskEmbedDecoder
+from ..fileio import check_output_dir, write_text
 from ..maskembed import (MaskEmbed, Teacher, default_decoder_config, estimate_target_scale, make_encoder, peak_tflops,
                          train_flops_per_image)
-from ..masks import build_mask_sampler, step_generator
+from ..masks import MaskSampler, build_mask_sampler, step_generator
 from . import distributed as D
-from .config import AlignConfig, parse_config, to_dict, validate
+from .config import AlignConfig, parse_config, validate
+from .checkpointer import Checkpointer, Progress, run_dir_of
+from .metrics import Metrics
 from .optim import build_optimizer, lr_at, set_lr
-from .state import config_mismatch, has_state, load_state, read_state_info, save_state
 
 log = logging.getLogger("prismatic_locality.align")
 
@@ -101,7 +113,49 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Building blocks
+# The step: Eq. 1 on one global batch
+# --------------------------------------------------------------------------------------------
+
+
+def train_step(student: nn.Module, teacher: Callable, optimizer: torch.optim.Optimizer, params: List[nn.Parameter],
+               micro_batches: Iterator[Tuple[torch.Tensor, torch.Tensor]], num_micro: int, max_norm: float,
+               autocast: Callable, info: D.DistInfo) -> Tuple[float, float]:
+    """One optimiser update on the global batch whose (images, masks) micro-batches this rank gets.
+
+    Returns the loss (mean over the global batch) and the gradient norm. A non-finite loss or
+    gradient (on any rank) leaves the weights untouched: the caller stops the run."""
+    loss_sum = torch.zeros((), device=info.device)
+    for j, (images, masks) in enumerate(micro_batches):
+        last = j == num_micro - 1
+        with contextlib.nullcontext() if last else no_sync(student):  # DDP all-reduces on the last one
+            with autocast():
+                target = teacher(images, masks)                  # h(x ⊙ m), frozen
+                loss = student(images, masks, target)            # ‖g_ψ(f_θ(x) ⊙ m) − h(x ⊙ m)‖²
+            (loss / num_micro).backward()
+        loss_sum += loss.detach() / num_micro
+    grad_norm = clip_grad_norm(params, max_norm)
+    loss_sum = D.all_reduce_sum(loss_sum.double().reshape(1), info)  # NaN/Inf on any rank stays so
+    loss, grad_norm = loss_sum.item() / info.world_size, grad_norm.item()
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def no_sync(model: nn.Module):
+    """DDP's "accumulate locally, do not all-reduce" context; nothing for a single process."""
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global grad-norm clip; with max_norm <= 0 only measures the norm."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+
+
+# --------------------------------------------------------------------------------------------
+# Setup: model, data, parallelism
 # --------------------------------------------------------------------------------------------
 
 
@@ -124,25 +178,54 @@ def build_teacher_vit(cfg: AlignConfig) -> nn.Module:
     return vit
 
 
-def build_model(cfg: AlignConfig, device: torch.device) -> MaskEmbed:
-    """Teacher h, encoder f_θ (a copy of the teacher) and decoder g_ψ; seeded, so every rank agrees."""
+def build_model(cfg: AlignConfig, device: torch.device) -> Tuple[MaskEmbed, Teacher]:
+    """Student (encoder f_θ, a copy of the teacher ViT, and decoder g_ψ) and teacher h; seeded, so
+    every rank agrees. The teacher is made ready to run by `build_teacher`."""
     torch.manual_seed(cfg.seed)
     vit = build_teacher_vit(cfg)
-    student = copy.deepcopy(vit)
-    teacher = Teacher(vit, target=cfg.teacher.target, masking=cfg.teacher.masking)
-    dcfg = default_decoder_config(teacher.spec, V.vit_spec(student), width=cfg.decoder.width,
+    student_vit = copy.deepcopy(vit)
+    teacher = Teacher(vit, target=cfg.teacher.target, masking=cfg.teacher.masking)  # frozen: eval, no grad
+    dcfg = default_decoder_config(teacher.spec, V.vit_spec(student_vit), width=cfg.decoder.width,
                                   depth=cfg.decoder.depth, init_values=cfg.decoder.init_values)
-    encoder = make_encoder(student, dcfg.width, softcap=cfg.encoder.softcap, attn_impl=cfg.encoder.attn_impl)
-    if cfg.encoder.grad_checkpointing:
-        encoder.set_grad_checkpointing(True)
-    model = MaskEmbed(encoder, MaskEmbedDecoder(dcfg), teacher, loss=cfg.loss).to(device)
+    encoder = make_encoder(student_vit, dcfg.width, softcap=cfg.encoder.softcap, attn_impl=cfg.encoder.attn_impl)
+    student = MaskEmbed(encoder, MaskEmbedDecoder(dcfg), loss=cfg.loss, pooled_target=cfg.teacher.target == "cls")
+    return student.to(device), teacher
+
+
+def build_teacher(teacher: Teacher, cfg: AlignConfig, device: torch.device) -> Teacher:
+    """The teacher, ready to run, in one place: on the device, its weights cast once to the teacher
+    dtype (it never trains), the CPU-bf16 attention path, compiled when asked."""
     teacher.to(device)
-    teacher.vit.to(P.teacher_dtype(cfg.teacher.dtype, cfg.precision, device))  # cast once; the teacher never trains
+    teacher.vit.to(P.teacher_dtype(cfg.teacher.dtype, cfg.precision, device))
+    P.switch_attention(cfg.precision, device, teacher.vit)
+    return torch.compile(teacher) if cfg.compile else teacher  # attributes (scale, spec) pass through
+
+
+def parallelize(student: MaskEmbed, cfg: AlignConfig, info: D.DistInfo) -> nn.Module:
+    """How the student runs, applied in this order (each step wraps the previous one's result):
+
+    1. attention kernel: timm's explicit path in the decoder for bf16 on CPU (the encoder's
+       soft-capped attention is explicit there already), `precision.switch_attention`;
+    2. activation checkpointing over the encoder blocks (in place: `vit.run_blocks` honours it);
+    3. DDP over the processes (gradients all-reduced in backward; buffers are not broadcast);
+    4. torch.compile of the DDP-wrapped module: the order torch documents for DDP, so dynamo can
+       split the graph at DDP's bucket boundaries and overlap the all-reduce with backward.
+
+    Returns the module the step calls; `student` itself stays the unwrapped module whose
+    state_dict is saved."""
+    P.switch_attention(cfg.precision, info.device, student.decoder)
+    if cfg.encoder.grad_checkpointing:
+        student.encoder.set_grad_checkpointing(True)
+    model: nn.Module = student
+    if info.distributed:
+        model = DDP(model, device_ids=[info.device] if info.device.type == "cuda" else None, broadcast_buffers=False)
+    if cfg.compile:
+        model = torch.compile(model)
     return model
 
 
 def data_transforms(cfg: AlignConfig, teacher: Teacher):
-    """Train/eval transforms at the teacher's resolution, normalised with its mean/std (spec A.9)."""
+    """Train/eval transforms at the teacher's resolution, normalised with its mean/std."""
     s = teacher.spec
     pcfg = getattr(teacher.vit, "pretrained_cfg", None) or {}
     interp = pcfg.get("interpolation", "bicubic")
@@ -156,92 +239,57 @@ def data_transforms(cfg: AlignConfig, teacher: Teacher):
     return train, evaluate
 
 
-class Metrics:
-    """metrics.jsonl (+ wandb when enabled and installed), main process only.
-
-    A resumed run continues the same wandb run: its id is kept in the training state. Steps the
-    crashed run had already logged past its last saved state are not logged again (wandb keeps
-    the first copy, which an exact resume reproduces anyway). Closed by the run's exit stack, so a
-    crash still finishes the wandb run (marked failed) and a later run in the process starts afresh.
-    """
-
-    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int], cfg: AlignConfig,
-                 wandb_run_id: Optional[str] = None):
-        self.path, self.enabled, self.wandb = path, enabled, None
-        if not enabled:
-            return
-        if resume_step is None:
-            path.unlink(missing_ok=True)
-        elif path.exists():  # drop what the interrupted run logged after its last saved state
-            keep = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            os.replace(tmp, path)
-        if cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                log.warning("wandb is enabled but not installed (pip install wandb); logging to %s only", path)
-            else:
-                self.wandb = wandb.init(project=cfg.wandb_project, name=path.parent.name, config=to_dict(cfg),
-                                        id=wandb_run_id, resume="allow")
-
-    @property
-    def wandb_run_id(self) -> Optional[str]:
-        return self.wandb.id if self.wandb is not None else None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        # strict JSON: a NaN/Inf value is written as null, and named with its value in "non_finite"
-        bad = {k: str(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
-        line = {**record, **dict.fromkeys(bad), **({"non_finite": bad} if bad else {})}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line, allow_nan=False) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
-
-    def close(self, failed: bool = False):
-        if self.wandb is not None:
-            self.wandb.finish(exit_code=1 if failed else 0)
-            self.wandb = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        self.close(failed=exc_type is not None)
+@dataclass
+class Data:
+    """What the run reads: seeded train/held-out images, the global batch order, the mask sampler."""
+    train: SeededImages
+    val: Optional[SeededImages]
+    order: GlobalBatchOrder
+    sampler: MaskSampler
+    total_steps: int
 
 
-def read_metrics(path: Path) -> List[dict]:
-    """The records of a metrics.jsonl. A torn last line (what a kill or a full disk leaves) is
-    dropped with a warning; any other line that is not JSON is an error naming the file and line."""
-    lines = path.read_text().split("\n")  # a complete file ends with "\n": the last item is ""
-    records = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines):
-                log.warning("%s: dropping its torn last line (%d bytes; the previous run was interrupted while "
-                            "writing it)", path, len(line))
-                continue
-            raise ValueError(f"{path}: line {i} is not JSON ({e.msg}); repair or delete that line, or pass "
-                             f"--resume never to start the run over") from None
-    return records
+def build_data(cfg: AlignConfig, student: MaskEmbed, teacher: Teacher, info: D.DistInfo) -> Data:
+    sampler = build_mask_sampler(cfg.masks.kind, teacher.spec.grid, cfg.masks.complement, cfg.masks.null,
+                                 cfg.masks.keep_prob, cfg.masks.block_ratio)
+    if sampler.num_patches != V.vit_spec(student.encoder).num_patches:
+        raise ValueError("teacher and encoder patch grids differ")
+    train_tf, eval_tf = data_transforms(cfg, teacher)
+    train_set = SeededImages(open_source(cfg.data.root, cfg.data.train_split, cfg.data.format), train_tf, cfg.seed)
+    order = GlobalBatchOrder(len(train_set), cfg.global_batch, cfg.micro_batch, info.world_size, info.rank, cfg.seed)
+    val_set = None
+    if uses_target_scale(cfg) or cfg.validate:
+        val_set = SeededImages(open_source(cfg.data.root, cfg.data.val_split, cfg.data.format), eval_tf, cfg.seed)
+    total_steps = cfg.max_steps or max(1, round(cfg.epochs * order.steps_per_epoch))
+    return Data(train_set, val_set, order, sampler, total_steps)
 
 
-# --------------------------------------------------------------------------------------------
-# Held-out data: target scale and validation loss
-# --------------------------------------------------------------------------------------------
+def uses_target_scale(cfg: AlignConfig) -> bool:
+    return cfg.target_scale == "on" or (cfg.target_scale == "auto" and cfg.loss == "mse")
 
 
-def val_batches(cfg: AlignConfig, dataset: SeededImages, sampler, info: D.DistInfo, device: torch.device
+def train_micro_batches(cfg: AlignConfig, data: Data, start_step: int, device: torch.device) -> Iterator:
+    """(images, notes) for this rank's micro-batches, from `start_step` to the end of the run."""
+    loader = DataLoader(data.train, batch_sampler=data.order.micro_batches(start_step, data.total_steps),
+                        collate_fn=collate, num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=_ignore_stop_signals)
+    return surface_worker_errors(loader)
+
+
+def step_micro_batches(batches: Iterator, masks: torch.Tensor, order: GlobalBatchOrder, device: torch.device,
+                       notes: list) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """One step's (images, masks) micro-batches on the device; the data notes go to `notes`."""
+    for j in range(order.accum_steps):
+        images, batch_notes = next(batches)
+        notes += batch_notes
+        yield images.to(device, non_blocking=True), masks[j * order.micro_batch: (j + 1) * order.micro_batch]
+
+
+def val_batches(cfg: AlignConfig, data: Data, info: D.DistInfo, device: torch.device
                 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share of the held-out batches (b ≡ rank mod world), masks seeded by batch index,
-    so the masks an image gets are the same every epoch and for every world size (spec A.1)."""
+    so the masks an image gets are the same every epoch and for every world size."""
+    dataset = data.val
     n = len(dataset) if cfg.data.val_max_images is None else min(len(dataset), cfg.data.val_max_images)
     vb = cfg.data.val_batch_size
     num_batches = math.ceil(n / vb)
@@ -254,41 +302,22 @@ def val_batches(cfg: AlignConfig, dataset: SeededImages, sampler, info: D.DistIn
     for b, (images, notes) in zip(range(info.rank, num_batches, info.world_size), surface_worker_errors(loader)):
         for _, _, message in notes:
             log.warning("held-out data: %s", message)
-        masks = sampler(images.shape[0], step_generator(cfg.seed, b, device, stream=VAL_STREAM))
+        masks = data.sampler(images.shape[0], step_generator(cfg.seed, b, device, stream=VAL_STREAM))
         yield images.to(device, non_blocking=True), masks
 
 
 @torch.no_grad()
-def validation_loss(model: MaskEmbed, batches, autocast, info: D.DistInfo, device: torch.device) -> float:
-    model.eval()
+def validation_loss(student: MaskEmbed, teacher: Callable, batches, autocast, info: D.DistInfo,
+                    device: torch.device) -> float:
+    student.eval()
     acc = torch.zeros(2, dtype=torch.float64, device=device)
     for images, masks in batches:
         with autocast():
-            loss = model(images, masks)
+            loss = student(images, masks, teacher(images, masks))
         acc += torch.stack([loss.double() * images.shape[0], torch.tensor(float(images.shape[0]), dtype=torch.float64, device=device)])
-    model.train()
+    student.train()
     D.all_reduce_sum(acc, info)
     return (acc[0] / acc[1]).item()
-
-
-def accumulate_gradients(forward, ddp: Optional[DDP], batches, masks: torch.Tensor, order: GlobalBatchOrder,
-                         autocast, device: torch.device) -> Tuple[torch.Tensor, list]:
-    """Forward/backward this rank's micro-batches of one step (DDP syncs on the last one only).
-    Returns the rank's mean loss (no host sync) and the data notes (unreadable/cropped files)."""
-    loss_sum = torch.zeros((), device=device)
-    notes = []
-    for j in range(order.accum_steps):
-        images, batch_notes = next(batches)
-        notes += batch_notes
-        images = images.to(device, non_blocking=True)
-        m = masks[j * order.micro_batch: (j + 1) * order.micro_batch]
-        sync = ddp is None or j == order.accum_steps - 1
-        with contextlib.nullcontext() if sync else ddp.no_sync():
-            with autocast():
-                loss = forward(images, m)
-            (loss / order.accum_steps).backward()
-        loss_sum += loss.detach() / order.accum_steps
-    return loss_sum, notes
 
 
 def record_new_files(notes: list, seen: dict, info: D.DistInfo, any_new: bool) -> None:
@@ -306,51 +335,14 @@ def record_new_files(notes: list, seen: dict, info: D.DistInfo, any_new: bool) -
                 log.warning("%s", message)
 
 
-def clip_grad_norm(params: List[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Global grad-norm clip (spec A.8); with max_norm <= 0 only measures the norm."""
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+def check_before_compute(cfg: AlignConfig) -> None:
+    """What would otherwise fail only at the first save, hours in: refused before the teacher is built."""
+    check_output_dir(run_dir_of(cfg), "config field 'output_dir'")
 
 
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-
-
-def run_dir_of(cfg: AlignConfig) -> Path:
-    return Path(cfg.output_dir) / (cfg.run_name or cfg.recipe or "align")
-
-
-def _resume_source(cfg: AlignConfig, run_dir: Path, first_save: int) -> Optional[Path]:
-    """The training state to resume from (main process only: it may repair the run directory).
-    `first_save` is the first step at which a training state is written."""
-    if cfg.resume == "never":
-        return None
-    path = run_dir / "state" if cfg.resume == "auto" else Path(cfg.resume)
-    recovered = recover_dir(path)  # a kill inside the state swap leaves complete copies beside it
-    if recovered:
-        log.warning("%s", recovered)
-    if cfg.resume == "auto":
-        if has_state(path):
-            return path
-        restart = "pass --resume never to start the run over, or choose another --run_name"
-        if path.exists():
-            raise CheckpointError(f"{path}: has no state.json, so the run cannot resume; {restart}")
-        log_file = run_dir / "metrics.jsonl"
-        steps = [r["step"] for r in read_metrics(log_file) if "loss" in r] if log_file.is_file() else []
-        if steps and max(steps) >= first_save:  # a state was saved once: never restart silently
-            raise CheckpointError(f"{log_file}: logs training up to step {max(steps)}, but its training state "
-                                  f"{path} is missing, so the run cannot resume; {restart}")
-        return None
-    if not has_state(path):
-        raise FileNotFoundError(f"config field 'resume': no training state at {path} (expected {path / 'state.json'})")
-    return path
-
-
-def check_before_compute(cfg: AlignConfig) -> None:
-    """What would otherwise fail only at the first save, hours in: refused before the teacher is built."""
-    check_output_dir(run_dir_of(cfg), "config field 'output_dir'")
 
 
 def train(cfg: AlignConfig) -> Path:
@@ -365,213 +357,141 @@ def train(cfg: AlignConfig) -> Path:
 
 def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) -> Path:
     device = info.device
-    if device.type == "cuda":  # the reference's settings (spec A.10)
+    if device.type == "cuda":  # the reference's settings
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    run_dir = run_dir_of(cfg)
-    state_dir = run_dir / "state"
-    t_start = time.time()
-
-    model = build_model(cfg, device)
-    teacher = model.teacher
-    precision = P.resolve(cfg.precision, device)
-    autocast = functools.partial(P.autocast, precision, device)  # a fresh context per use
-    # the encoder's soft-capped attention is explicit on CPU already
-    P.switch_attention(precision, device, teacher.vit, model.decoder)
-    sampler = build_mask_sampler(cfg.masks.kind, teacher.spec.grid, cfg.masks.complement, cfg.masks.null,
-                                 cfg.masks.keep_prob, cfg.masks.block_ratio)
-    if sampler.num_patches != V.vit_spec(model.encoder).num_patches:
-        raise ValueError("teacher and encoder patch grids differ")
-
-    # Data
-    train_tf, eval_tf = data_transforms(cfg, teacher)
-    train_set = SeededImages(open_source(cfg.data.root, cfg.data.train_split, cfg.data.format), train_tf, cfg.seed)
-    order = GlobalBatchOrder(len(train_set), cfg.global_batch, cfg.micro_batch, info.world_size, info.rank, cfg.seed)
-    total_steps = cfg.max_steps or max(1, round(cfg.epochs * order.steps_per_epoch))
-    use_scale = cfg.target_scale == "on" or (cfg.target_scale == "auto" and cfg.loss == "mse")
-    val_set = None
-    if use_scale or cfg.validate:
-        val_set = SeededImages(open_source(cfg.data.root, cfg.data.val_split, cfg.data.format), eval_tf, cfg.seed)
-
-    optimizer = build_optimizer(model.named_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
+    autocast = functools.partial(P.autocast, cfg.precision, device)  # a fresh context per use
+    student, teacher = build_model(cfg, device)
+    teacher = build_teacher(teacher, cfg, device)
+    data = build_data(cfg, student, teacher, info)
+    optimizer = build_optimizer(student.named_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
                                 cfg.optim.eps, cfg.optim.exclude_norm_bias_from_wd, fused=device.type == "cuda")
-
-    # Resume or start (rank 0 decides; an error is raised on every rank)
-    try:
-        first_save = min(cfg.save_every, order.steps_per_epoch, total_steps)
-        decision = (_resume_source(cfg, run_dir, first_save) if info.is_main else None, None)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        decision = (None, e)
-    resume_from, problem = D.broadcast_object(decision, info)
-    if problem is not None:
-        raise problem
-    cfg_dict = to_dict(cfg)
-    if resume_from is not None:
-        saved = read_state_info(resume_from)
-        problem = config_mismatch(saved.get("config", {}), cfg_dict, str(resume_from / "state.json"))
-        if problem:
-            raise CheckpointError(problem)
-        saved = load_state(resume_from, model, optimizer)
-        step, scale_stats = saved["step"], saved.get("target_scale")
-        counters = saved.get("counters", {})
-        if scale_stats is not None:
-            teacher.scale.fill_(scale_stats["scale"])
-        log.info("resumed from %s at step %d/%d", resume_from, step, total_steps)
-    else:
-        step, scale_stats, counters, saved = 0, None, {}, {}
-        if use_scale:
-            with autocast():
-                scale_stats = estimate_target_scale(teacher, val_batches(cfg, val_set, sampler, info, device))
-            log.info("target scale 1/std = %.6g (mean %.4g, var %.4g over %d values)", scale_stats["scale"],
-                     scale_stats["mean"], scale_stats["var"], scale_stats["count"])
-    # files reported by the dataset, each counted once (restored, so a resumed run counts the same)
-    seen = {UNREADABLE: set(counters.get("skipped_files", [])), CROPPED: set(counters.get("cropped_files", []))}
-    wall_before = counters.get("wall_time_s", 0.0)
-    last_saved_step = step if resume_from is not None else None
-
+    ckpt = Checkpointer(cfg, info, student, optimizer, data.order.steps_per_epoch, data.total_steps)
+    run = restore_or_start(cfg, ckpt, teacher, data, autocast, info)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / ".config.yaml.tmp", "w") as f:
-            draccus.dump(cfg, f)
-        os.replace(run_dir / ".config.yaml.tmp", run_dir / "config.yaml")
-    metrics = cleanup.enter_context(Metrics(run_dir / "metrics.jsonl", info.is_main,
-                                            step if resume_from is not None else None, cfg, saved.get("wandb_run_id")))
-    if info.is_main:
+        write_config(cfg, ckpt.run_dir)
+        o = data.order
         log.info("run %s: %d train images, %d steps (%d/epoch), global batch %d = %d x %d accum x %d procs",
-                 run_dir, len(train_set), total_steps, order.steps_per_epoch, cfg.global_batch, cfg.micro_batch,
-                 order.accum_steps, info.world_size)
-
-    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False) if info.distributed else None
-    forward = ddp if ddp is not None else model
-    if cfg.compile:
-        forward = torch.compile(forward)
-        object.__setattr__(model, "teacher", torch.compile(teacher))
-    params = [p for p in model.parameters() if p.requires_grad]
+                 ckpt.run_dir, len(data.train), data.total_steps, o.steps_per_epoch, cfg.global_batch,
+                 cfg.micro_batch, o.accum_steps, info.world_size)
+    metrics = cleanup.enter_context(Metrics(ckpt.run_dir / "metrics.jsonl", info.is_main,
+                                            run.step if ckpt.resumed_from else None, cfg,
+                                            run.saved.get("wandb_run_id"), run.saved.get("log_window")))
     # analytic cost of one image, for achieved TFLOP/s and MFU in the log line (nanoGPT-style)
-    flops_per_image = train_flops_per_image(teacher.spec, V.vit_spec(model.encoder), model.decoder.cfg,
-                                            sampler.masks_per_image, teacher.num_blocks)["total"]
-    peak = peak_tflops(device)
-
-    def state_info(last_loss, val_loss) -> dict:
-        return {"step": step, "epoch": step / order.steps_per_epoch, "total_steps": total_steps,
-                "target_scale": scale_stats, "config": cfg_dict, "world_size": info.world_size,
-                "last_loss": last_loss, "val_loss": val_loss,
-                "wandb_run_id": metrics.wandb_run_id or saved.get("wandb_run_id"),
-                "counters": {"skipped_images": len(seen[UNREADABLE]), "cropped_images": len(seen[CROPPED]),
-                             "skipped_files": sorted(seen[UNREADABLE]), "cropped_files": sorted(seen[CROPPED]),
-                             "wall_time_s": wall_before + time.time() - t_start},
-                # the open log window, so the first record after a resume averages the same steps
-                "log_window": {"steps": window_steps, "loss": window_loss, "seconds": time.time() - window_t}}
-
-    def save(last_loss, val_loss):
-        nonlocal last_saved_step
-        if info.is_main:
-            save_state(state_dir, model, optimizer, state_info(last_loss, val_loss))
-        D.barrier(info)
-        last_saved_step = step
-
-    loader = DataLoader(train_set, batch_sampler=order.micro_batches(step, total_steps), collate_fn=collate,
-                        num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
-                        worker_init_fn=_ignore_stop_signals)
-    batches = surface_worker_errors(loader)
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=not info.is_main,
-               desc=f"align {run_dir.name}")
-    last_loss = val_loss = None
-    window = saved.get("log_window") or {"steps": 0, "loss": 0.0, "seconds": 0.0}
-    window_t, window_steps, window_loss = time.time() - window["seconds"], window["steps"], window["loss"]
-    rs = order.rank_slice()
+    metrics.cost(cfg.global_batch, train_flops_per_image(teacher.spec, V.vit_spec(student.encoder), student.decoder.cfg,
+                                                         data.sampler.masks_per_image, teacher.num_blocks)["total"],
+                 info.world_size, peak_tflops(device))
+    model = parallelize(student, cfg, info)
     stop = cleanup.enter_context(StopSignals())
-    model.train()
-    while step < total_steps:
-        lr = lr_at(step, total_steps, cfg.optim.lr, cfg.optim.resolved_min_lr, cfg.optim.warmup_steps,
-                   cfg.optim.resolved_warmup_lr)
-        set_lr(optimizer, lr)
-        # the whole global batch's masks on every rank, then this rank's slice (masks.step_generator)
-        masks = sampler(cfg.global_batch, step_generator(cfg.seed, step, device, stream=TRAIN_STREAM))[rs]
-        loss_sum, notes = accumulate_gradients(forward, ddp, batches, masks, order, autocast, device)
-        grad_norm = clip_grad_norm(params, cfg.optim.clip_grad)
-        # one small all-reduce per step: mean loss for logging, a global non-finite flag, whether any
-        # rank saw a file it had not reported yet, whether any rank was asked to stop
-        new_here = any(name not in seen[kind] for kind, name, _ in notes)
-        flags = torch.tensor([float(new_here), float(stop.signum is not None)], dtype=torch.float64, device=device)
-        stats = torch.cat([torch.stack([loss_sum.double(), (~torch.isfinite(loss_sum)).double()]), flags])
-        D.all_reduce_sum(stats, info)
-        record_new_files(notes, seen, info, stats[2].item() > 0)
-        step_loss = stats[0].item() / info.world_size
-        gn = grad_norm.item()
-        if stats[1].item() > 0 or not math.isfinite(gn):
-            optimizer.zero_grad(set_to_none=True)
-            where = (f"the last good training state is {state_dir} (step {last_saved_step})" if last_saved_step is not None
-                     else "no training state had been saved yet")
-            # steps are numbered as in metrics.jsonl: step k = the k-th optimiser update
-            metrics.write({"step": step + 1, "event": "non_finite", "loss": step_loss, "grad_norm": gn})
-            bar.close()
-            raise NonFiniteLoss(f"non-finite loss/gradient at step {step + 1} (loss {step_loss}, grad norm {gn}); "
-                                f"stopped before that update; {where}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        skipped_total = len(seen[UNREADABLE])
-        last_loss = step_loss
-        window_steps += 1
-        window_loss += step_loss
-        bar.update(1)
+    _loop(cfg, info, model, student, teacher, optimizer, data, ckpt, run, metrics, stop, autocast)
 
-        if step % cfg.log_every == 0 or step == total_steps:
-            elapsed = max(time.time() - window_t, 1e-9)
-            rate = window_steps * cfg.global_batch / elapsed
-            tflops = rate * flops_per_image / info.world_size / 1e12  # per process
-            rec = {"step": step, "epoch": round(step / order.steps_per_epoch, 4), "loss": window_loss / window_steps,
-                   "lr": lr, "grad_norm": gn, "img_per_s": rate, "tflops_per_proc": tflops,
-                   "mfu": tflops / peak if peak else None, "skipped_images": skipped_total,
-                   **({"cropped_images": len(seen[CROPPED])} if seen[CROPPED] else {})}
-            metrics.write(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}",
-                            **({"mfu": f"{100 * rec['mfu']:.1f}%"} if peak else {}), skipped=skipped_total)
-            window_t, window_steps, window_loss = time.time(), 0, 0.0
+    return ckpt.finish(run, metrics)
 
-        end_of_epoch = step % order.steps_per_epoch == 0
-        t_aside = time.time()  # validation and saving are not training throughput
-        if end_of_epoch and cfg.validate:
-            val_loss = validation_loss(model, val_batches(cfg, val_set, sampler, info, device), autocast, info, device)
-            metrics.write({"step": step, "epoch": step // order.steps_per_epoch, "val_loss": val_loss})
-            if info.is_main:
-                bar.write(f"epoch {step // order.steps_per_epoch}: val loss {val_loss:.5f}")
-        if end_of_epoch and cfg.save_epoch_checkpoints and info.is_main:
-            _save_aligned(run_dir / f"epoch-{step // order.steps_per_epoch:03d}", model, cfg, cfg_dict,
-                          state_info(last_loss, val_loss))
-        stopping = stats[3].item() > 0 and step < total_steps
-        if step % cfg.save_every == 0 or end_of_epoch or step == total_steps or stopping:
-            save(last_loss, val_loss)
-        window_t += time.time() - t_aside
-        if stopping:
-            bar.close()
-            signum = stop.signum or signal.SIGTERM  # another rank was signalled
-            name = signal.Signals(signum).name if stop.signum else "a signal to another process"
-            raise Stopped(f"stopped by {name} after step {step} of {total_steps}; the training state is saved "
-                          f"in {state_dir}; rerun the same command to resume", signum)
+
+def restore_or_start(cfg: AlignConfig, ckpt: Checkpointer, teacher: Teacher, data: Data, autocast: Callable,
+                     info: D.DistInfo) -> Progress:
+    """The saved progress (weights, optimiser, target scale restored), or a fresh start whose target
+    scale is estimated on the held-out images."""
+    run = ckpt.restore()
+    if run is not None:
+        if run.scale_stats is not None:
+            teacher.scale.fill_(run.scale_stats["scale"])
+        log.info("resumed from %s at step %d/%d", ckpt.resumed_from, run.step, data.total_steps)
+        return run
+    run = Progress()
+    if uses_target_scale(cfg):
+        with autocast():
+            run.scale_stats = s = estimate_target_scale(teacher, val_batches(cfg, data, info, info.device))
+        log.info("target scale 1/std = %.6g (mean %.4g, var %.4g over %d values)", s["scale"], s["mean"], s["var"],
+                 s["count"])
+    return run
+
+
+def write_config(cfg: AlignConfig, run_dir: Path) -> None:
+    """The resolved config as ``config.yaml`` (rerun it with ``--config_path``)."""
+    text = io.StringIO()
+    draccus.dump(cfg, text)
+    write_text(run_dir / "config.yaml", text.getvalue())
+
+
+def _loop(cfg: AlignConfig, info: D.DistInfo, model: nn.Module, student: MaskEmbed, teacher: Callable,
+          optimizer: torch.optim.Optimizer, data: Data, ckpt: Checkpointer, run: Progress, metrics: Metrics,
+          stop: StopSignals, autocast: Callable) -> None:
+    """Steps from `run.step` to the end: update, log, validate and save at epoch ends, stop on a signal."""
+    device, order, total = info.device, data.order, data.total_steps
+    params = [p for p in student.parameters() if p.requires_grad]
+    batches = train_micro_batches(cfg, data, run.step, device)
+    bar = tqdm(total=total, initial=run.step, unit="step", dynamic_ncols=True, disable=not info.is_main,
+               desc=f"align {ckpt.run_dir.name}")
+    student.train()
+    with contextlib.closing(batches):  # stops the DataLoader workers however the loop ends
+        while run.step < total:
+            o = cfg.optim
+            lr = lr_at(run.step, total, o.lr, o.resolved_min_lr, o.warmup_steps, o.resolved_warmup_lr)
+            set_lr(optimizer, lr)
+            # the whole global batch's masks on every rank, then this rank's slice (masks.step_generator)
+            masks = data.sampler(cfg.global_batch, step_generator(cfg.seed, run.step, device, stream=TRAIN_STREAM))
+            notes: list = []
+            micro = step_micro_batches(batches, masks[order.rank_slice()], order, device, notes)
+            loss, grad_norm = train_step(model, teacher, optimizer, params, micro, order.accum_steps, o.clip_grad,
+                                         autocast, info)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                bar.close()
+                raise _non_finite(run.step + 1, loss, grad_norm, ckpt, metrics)
+            run.step, run.last_loss = run.step + 1, loss
+            metrics.add_step(loss)
+            bar.update(1)
+            stop_requested = _agree_on_files_and_stop(notes, run.seen, stop, info)
+
+            epoch, within = divmod(run.step, order.steps_per_epoch)
+            if run.step % cfg.log_every == 0 or run.step == total:
+                rec = metrics.log_step(run.step, run.step / order.steps_per_epoch, lr, grad_norm,
+                                       skipped=len(run.seen[UNREADABLE]), cropped=len(run.seen[CROPPED]))
+                mfu = {"mfu": f"{100 * rec['mfu']:.1f}%"} if rec["mfu"] else {}
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_per_s']:.1f}", **mfu,
+                                skipped=rec["skipped_images"])
+            stopping = stop_requested and run.step < total
+            with metrics.aside():
+                if within == 0 and cfg.validate:
+                    run.val_loss = validation_loss(student, teacher, val_batches(cfg, data, info, device), autocast,
+                                                   info, device)
+                    metrics.write({"step": run.step, "epoch": epoch, "val_loss": run.val_loss})
+                    if info.is_main:
+                        bar.write(f"epoch {epoch}: val loss {run.val_loss:.5f}")
+                if within == 0 and cfg.save_epoch_checkpoints and info.is_main:
+                    ckpt.export(ckpt.run_dir / f"epoch-{epoch:03d}", ckpt.state_info(run, metrics))
+                if ckpt.should_save(run.step, stopping):
+                    ckpt.save(run, metrics)
+            if stopping:
+                bar.close()
+                raise _stopped(stop, run.step, total, ckpt)
     bar.close()
 
-    if last_saved_step != step:  # a resumed, already finished run
-        save(last_loss, val_loss)
-    out = run_dir / "aligned"
-    if info.is_main:
-        summary = state_info(last_loss, val_loss)
-        if resume_from is not None and last_loss is None:
-            summary.update(last_loss=saved.get("last_loss"), val_loss=saved.get("val_loss"))
-        _save_aligned(out, model, cfg, cfg_dict, summary)
-        log.info("aligned checkpoint: %s", out)
-    D.barrier(info)
-    return out
+
+def _agree_on_files_and_stop(notes: list, seen: dict, stop: StopSignals, info: D.DistInfo) -> bool:
+    """One small all-reduce per step: whether any rank read a data file it had not reported yet
+    (then all ranks record the union, `record_new_files`) and whether any rank was asked to stop."""
+    new_here = any(name not in seen[kind] for kind, name, _ in notes)
+    flags = torch.tensor([float(new_here), float(stop.signum is not None)], dtype=torch.float64, device=info.device)
+    any_new, any_stop = D.all_reduce_sum(flags, info).tolist()
+    record_new_files(notes, seen, info, any_new > 0)
+    return any_stop > 0
 
 
-def _save_aligned(out: Path, model: MaskEmbed, cfg: AlignConfig, cfg_dict: dict, summary: dict) -> None:
-    t = cfg.teacher
-    training = {k: v for k, v in summary.items() if k != "config"}
-    save_aligned(out, model.encoder, model.decoder, model_name=t.model, softcap=cfg.encoder.softcap,
-                 timm_kwargs=t.timm_kwargs,
-                 extra={"teacher": {"model": t.model, "weights": t.weights, "target": t.target, "masking": t.masking},
-                        "target": t.target, "recipe": cfg.recipe, "align_config": cfg_dict, "training": training})
+def _stopped(stop: StopSignals, step: int, total: int, ckpt: Checkpointer) -> Stopped:
+    signum = stop.signum or signal.SIGTERM  # another rank was signalled
+    name = signal.Signals(signum).name if stop.signum else "a signal to another process"
+    return Stopped(f"stopped by {name} after step {step} of {total}; the training state is saved "
+                   f"in {ckpt.state_dir}; rerun the same command to resume", signum)
+
+
+def _non_finite(step: int, loss: float, grad_norm: float, ckpt: Checkpointer, metrics: Metrics) -> NonFiniteLoss:
+    """Log the failed step (numbered as in metrics.jsonl: step k = the k-th update) and name the last good state."""
+    metrics.write({"step": step, "event": "non_finite", "loss": loss, "grad_norm": grad_norm})
+    where = (f"the last good training state is {ckpt.state_dir} (step {ckpt.last_saved_step})"
+             if ckpt.last_saved_step is not None else "no training state had been saved yet")
+    return NonFiniteLoss(f"non-finite loss/gradient at step {step} (loss {loss}, grad norm {grad_norm}); "
+                         f"stopped before that update; {where}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

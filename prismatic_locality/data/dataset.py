@@ -84,19 +84,27 @@ def surface_worker_errors(loader: Iterable) -> Iterator:
     """Iterate a DataLoader; a user error (ValueError, OSError) raised in a worker process is re-raised
     with its own one-line message, not the worker's traceback that torch folds into it."""
     batches = iter(loader)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except (ValueError, OSError) as e:
-            lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            if not lines or "DataLoader worker process" not in lines[0]:
-                raise
-            # the traceback's last line is "ValueError: <message>" (or "pkg.module.Error: <message>")
-            name, _, message = lines[-1].partition(": ")
-            raise type(e)(message if name.split(".")[-1] == type(e).__name__ else lines[-1]) from None
-        yield batch
+    try:
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (ValueError, OSError) as e:
+                lines = [ln for ln in str(e).splitlines() if ln.strip()]
+                if not lines or "DataLoader worker process" not in lines[0]:
+                    raise
+                # the traceback's last line is "ValueError: <message>" (or "pkg.module.Error: <message>")
+                name, _, message = lines[-1].partition(": ")
+                raise type(e)(message if name.split(".")[-1] == type(e).__name__ else lines[-1]) from None
+            yield batch
+    finally:
+        # Stop the workers now, not whenever the iterator is collected: they ignore SIGTERM (the trainer
+        # saves before it stops), so left to the interpreter's exit they would be terminated in vain
+        # and joined forever.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 @dataclass

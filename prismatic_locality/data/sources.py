@@ -28,6 +28,8 @@ from typing import List, Tuple
 import numpy as np
 from PIL import Image
 
+from ..choices import DATA_FORMATS
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -206,8 +208,8 @@ def open_source(root: str, split: str, format: str = "auto") -> "ImageFolderSour
                      (absolute, or relative to `root`).
              auto:   wds if the split is a pattern or a folder holding .tar files, else folder.
     """
-    if format not in ("auto", "folder", "wds"):
-        raise ValueError(f"config field 'data.format': '{format}' is not one of auto | folder | wds")
+    if format not in DATA_FORMATS:
+        raise ValueError(f"config field 'data.format': '{format}' is not one of {' | '.join(DATA_FORMATS)}")
     is_pattern = any(c in split for c in "{*?[") or split.endswith(".tar")
     directory = os.path.join(root, split)
     if format == "auto":

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..checkpoint import write_json, write_text  # noqa: E402
+from ..fileio import write_json, write_text  # noqa: E402
 from ..probe.plots import save_figure  # noqa: E402
 
 MODELS = ("teacher", "aligned")

@@ -118,21 +118,18 @@ def obtain_teacher(args, sizes: Sizes, out: Path, val: S.Scenes) -> tuple[Path, 
 
 
 def align(args, sizes: Sizes, out: Path, scenes_root: Path, teacher_path: Path,
-          overrides: Optional[dict] = None, run_name: str = "align") -> tuple[Path, dict]:
-    """MaskEmbed with the trainer's `demo-bf16` or `demo` recipe, pointed at this run's scenes and teacher.
-
-    `overrides` maps dotted config fields to values (experiments on top of the recipe)."""
-    from ..align.config import _set, get_recipe
+          run_name: str = "align") -> tuple[Path, dict]:
+    """MaskEmbed with the trainer's `demo-bf16` or `demo` recipe, pointed at this run's scenes and teacher."""
+    from ..align.config import get_recipe
     from ..align.train import train
 
     cfg = get_recipe(args.recipe)
-    for key, value in (overrides or {}).items():
-        _set(cfg, key, value)
     cfg.teacher.weights = str(teacher_path)
     cfg.data.root = str(scenes_root)
     cfg.seed = args.seed
     cfg.output_dir, cfg.run_name, cfg.resume = str(out), run_name, "never"
     cfg.device = "cpu"
+    cfg.encoder.softcap = args.softcap  # 30 as the recipe; 0 = MaskEmbed without the cap (docs/use.md)
     if sizes.align_steps is not None:
         cfg.max_steps = sizes.align_steps
         cfg.save_every = sizes.align_steps
@@ -157,7 +154,7 @@ def probe_both(args, sizes: Sizes, scenes_root: Path, backbones: dict, out: Path
     are the first head's."""
     from ..probe.datasets import ProbeDataset
     from ..probe.features import build_split
-    from ..probe.train import HeadConfig, OptimConfig, fit_probe, predict
+    from ..probe.train import HeadConfig, ProbeOptimConfig, fit_probe, predict
 
     per_head, curves, preds = {}, {}, {}
     for name, backbone in backbones.items():
@@ -170,7 +167,7 @@ def probe_both(args, sizes: Sizes, scenes_root: Path, backbones: dict, out: Path
                   for split in S.SPLITS}
         per_head[name], curves[name] = {}, {}
         for task in R.TASKS:
-            optim = OptimConfig(lr=sizes.probe_lr, epochs=sizes.probe_epochs[task], batch_size=sizes.probe_batch,
+            optim = ProbeOptimConfig(lr=sizes.probe_lr, epochs=sizes.probe_epochs[task], batch_size=sizes.probe_batch,
                                 warmup_steps=sizes.probe_warmup, precision=args.precision)
             per_head[name][task] = []
             for k, seed in enumerate(probe_seeds(args.seed, sizes.probe_heads)):
@@ -224,8 +221,7 @@ def run(args) -> dict:
         print(f"      its own head: {100 * teacher_info['own_head_global_recall']:.1f}% global macro recall "
               f"({100 * teacher_info['own_head_global_recall_masked']:.1f}% on randomly masked scenes)")
     with Stage(timing, "align", 3, n, f"MaskEmbed alignment (trainer, `{args.recipe}` recipe)"):
-        ckpt, align_info = align(args, sizes, out, scenes_root, teacher_path,
-                                 overrides={"encoder.softcap": args.softcap})
+        ckpt, align_info = align(args, sizes, out, scenes_root, teacher_path)
     with Stage(timing, "probe", 4, n, "probing teacher and aligned model (local + global)"):
         from ..probe.backbone import Backbone, BackboneConfig, load_backbone
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..checkpoint import write_json
+from ..fileio import write_json
 
 CLASSES = ["background"] + [str(d) for d in range(10)]
 NUM_CLASSES = len(CLASSES)
@@ -201,17 +201,6 @@ def write_scenes(root: str | os.PathLike, scenes: dict[str, Scenes], manifest: d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
-
-
-def read_split(root: str | os.PathLike, split: str) -> Scenes:
-    """Read a split of the demo layout back into arrays (ids sorted)."""
-    d = Path(root) / split
-    files = sorted((d / "images").glob("*.png"))
-    if not files:
-        raise FileNotFoundError(f"no scenes in {d / 'images'}")
-    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-    labels = np.stack([np.asarray(Image.open(d / "labels" / f.name)) for f in files])
-    return Scenes(images, labels, np.full((len(files), 0), -1), split)
 
 
 def build_dataset(root: str | os.PathLike, n_train: int, n_val: int, seed: int, cfg: SceneConfig = SceneConfig(),

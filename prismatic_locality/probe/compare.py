@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import read_json, write_text
+from ..fileio import read_json, write_text
 from . import plots
 from .labels import class_kinds
 

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..checkpoint import read_json
+from ..fileio import read_json
 from . import labels as L
 
 log = logging.getLogger(__name__)

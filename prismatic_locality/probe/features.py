@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .. import precision as P
-from ..checkpoint import write_json
+from ..fileio import write_json
 from .backbone import Backbone
 from .datasets import ProbeDataset
 
@@ -287,7 +287,3 @@ def _extract_locked(ds: ProbeDataset, backbone: Optional[Backbone], lab_dir: Opt
         parts["features"].finish({**meta, "backbone": backbone.describe(), "precision": precision,
                                   "autocast_device": device.type if precision == "bf16" else None,
                                   "images_per_s": round((n - start_at) / max(seconds, 1e-9), 2)})
-
-
-def read_meta(d: Path) -> dict:
-    return json.loads((Path(d) / "meta.json").read_text())

@@ -34,7 +34,7 @@ import torch
 
 from .. import precision as P
 from ..align.config import check_finite, check_range
-from ..checkpoint import check_output_dir, write_json, write_text
+from ..fileio import check_output_dir, write_json, write_text
 from . import plots
 from .backbone import Backbone, BackboneConfig, load_backbone
 from .datasets import DATASETS, ProbeDataset
@@ -42,13 +42,13 @@ from .features import ProbeSplit, build_split, default_cache_dir
 from .heads import HEADS, check_view
 from .labels import unpack
 from .metrics import SIZE_BINNINGS, size_recall
-from .train import HeadConfig, OptimConfig, fit_probe, predict
+from .train import HeadConfig, ProbeOptimConfig, fit_probe, predict
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class DataConfig:
+class ProbeDataConfig:
     root: str = ""                     # dataset root (layouts in datasets.py / docs/probe.md)
     train_limit: Optional[int] = None  # use only the first N train pairs (sorted by name)
     val_limit: Optional[int] = None
@@ -60,10 +60,10 @@ class DataConfig:
 class ProbeConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     dataset: str = "coco-stuff"        # coco-stuff | ade20k | demo
-    data: DataConfig = field(default_factory=DataConfig)
+    data: ProbeDataConfig = field(default_factory=ProbeDataConfig)
     task: str = "both"                 # local | global | both
     head: HeadConfig = field(default_factory=HeadConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: ProbeOptimConfig = field(default_factory=ProbeOptimConfig)
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda[:i]
     threads: Optional[int] = None      # torch CPU threads for this run (1 is much faster on an oversubscribed CPU)

@@ -41,7 +41,7 @@ class HeadConfig:
 
 
 @dataclass
-class OptimConfig:
+class ProbeOptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     min_lr: float = 1e-4
@@ -71,7 +71,7 @@ class _Source:
 
 
 def fit_probe(train: ProbeSplit, val: ProbeSplit, task: str, num_heads: int, head_cfg: HeadConfig = HeadConfig(),
-              optim: OptimConfig = OptimConfig(), seed: int = 0, device: str | torch.device = "cpu",
+              optim: ProbeOptimConfig = ProbeOptimConfig(), seed: int = 0, device: str | torch.device = "cpu",
               desc: str = "") -> tuple[dict, torch.nn.Module]:
     """Train a `task` ("local" | "global") head; returns (results, head at its best epoch)."""
     device = torch.device(device)
