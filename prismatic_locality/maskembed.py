@@ -34,7 +34,7 @@ from .decoder import DecoderConfig, MaskEmbedDecoder
 class Teacher(nn.Module):
     """h(x ⊙ m): frozen ViT outputs on masked images.
 
-    target = "penultimate": final norm applied to block L−1's output, whole sequence (default, spec A.1)
+    target = "penultimate": final norm applied to block L−1's output, whole sequence (default; paper §4.2)
              "last":        final norm applied to block L's output, whole sequence
              "cls":         the pooled pre-logits (prefix / MAP token), shape (M, 1, D)
     masking = "token": masked patch tokens are replaced by the embedding of an all-zero patch
@@ -84,7 +84,7 @@ class Teacher(nn.Module):
 
 def make_encoder(vit: nn.Module, out_dim: int, softcap: float = 30.0, attn_impl: str = "auto",
                  norm_eps: float = 1e-5) -> nn.Module:
-    """Turn a pretrained timm ViT (in place) into the MaskEmbed encoder f_θ (spec A.4).
+    """Turn a pretrained timm ViT (in place) into the MaskEmbed encoder f_θ (paper App. C; docs/faithfulness.md).
 
     - every block's attention soft-capped at `softcap` (paper App. C: stabilises training);
     - the final norm re-initialised (and fc_norm), where the teacher has one: an average-pooled ViT's
@@ -196,7 +196,7 @@ class MaskEmbed(nn.Module):
 
 @torch.no_grad()
 def estimate_target_scale(teacher: Teacher, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    """Global mean/variance of h(x ⊙ m) over held-out (images, masks) batches (spec A.1).
+    """Global mean/variance of h(x ⊙ m) over held-out (images, masks) batches (docs/faithfulness.md).
 
     Sums are float64 and all-reduced when torch.distributed is initialised. Sets
     ``teacher.scale = 1/std`` so the reconstruction targets have unit global variance.

@@ -5,7 +5,7 @@ A run's config is resolved in three layers, later ones winning:
     recipe (``--recipe clip-l-336``)  <  YAML file (``--config_path x.yaml``)  <  CLI (``--optim.lr 1e-4``)
 
 Recipes are plain `AlignConfig` instances built in code (`RECIPES`), the way Prismatic registers
-its model configs. The per-model values are the reference's main runs (maskembed-spec.md A.12):
+its model configs. The per-model values are the reference's main runs (paper App. C; docs/align.md):
 global batch 1024 everywhere, per-GPU micro-batch sized for 80 GB GPUs, lr/min_lr 3e-4/3e-5 for
 ViT-B and 2e-4/2e-5 for ViT-L and SO400M, 5 epochs, no warmup.
 """

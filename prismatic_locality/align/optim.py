@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule, as the reference (spec A.8).
+"""Optimiser and learning-rate schedule, as the reference (paper App. C; docs/faithfulness.md).
 
 - AdamW, betas (0.9, 0.95), eps 1e-8, weight decay 0.01 on *every* parameter: the reference passes
   a parameter iterator to timm's factory, which skips timm's norm/bias exclusion. Exempting
