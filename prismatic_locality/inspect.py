@@ -170,12 +170,12 @@ def probe_change(encoder: torch.nn.Module, work_dir: Path, n_train: int = 3000, 
     from .probe.backbone import Backbone
     from .probe.datasets import ProbeDataset
     from .probe.features import build_split
-    from .probe.train import HeadConfig, OptimConfig, fit_probe
+    from .probe.train import HeadConfig, ProbeOptimConfig, fit_probe
 
     root = Path(work_dir) / "scenes"
     S.build_dataset(root, n_train, n_val, seed, progress=False)
     spec = V.vit_spec(encoder)
-    optim = OptimConfig(lr=2e-3, epochs=epochs, batch_size=32, warmup_steps=50, precision="fp32")
+    optim = ProbeOptimConfig(lr=2e-3, epochs=epochs, batch_size=32, warmup_steps=50, precision="fp32")
     recall = {}
     for name, enc in (("capped", encoder), ("uncapped", _uncapped(encoder))):
         backbone = Backbone(enc, "aligned", name)
