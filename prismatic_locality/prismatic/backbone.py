@@ -15,7 +15,40 @@ from .projector import DecoderProjector
 from .weights import require_timm, resolve_checkpoint
 
 
-class AlignedViTBackbone(VisionBackbone):
+class TimmFeaturizerBackbone(VisionBackbone):
+    """What our Prismatic backbones share: a timm featurizer (any family `vit.py` handles) whose
+    forward is the features, its facts from `vit_spec`, and the FSDP policy (each block, the whole
+    featurizer, and the given adapter classes). Subclasses set ``featurizer``, ``spec`` and ``dtype``."""
+
+    def fsdp_policy(self, *module_classes: type) -> Callable:
+        vit = partial(_module_wrap_policy, module_classes={type(self.featurizer), *module_classes})
+        blocks = partial(transformer_auto_wrap_policy, transformer_layer_cls={Block, *V.block_classes(self.featurizer)})
+        return partial(_or_policy, policies=[vit, blocks])
+
+    def get_fsdp_wrapping_policy(self) -> Callable:
+        return self.fsdp_policy()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.featurizer(pixel_values)
+
+    @property
+    def default_image_resolution(self) -> Tuple[int, int, int]:
+        return (3, self.default_image_size, self.default_image_size)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.featurizer.embed_dim
+
+    @property
+    def num_patches(self) -> int:
+        return self.spec.num_patches
+
+    @property
+    def half_precision_dtype(self) -> torch.dtype:
+        return self.dtype
+
+
+class AlignedViTBackbone(TimmFeaturizerBackbone):
     """Frozen aligned ViT: last block, final norm, prefix tokens kept (see `features.py`).
 
     Weights come from the id alone (`weights.resolve_checkpoint`), so `prismatic.load()` rebuilds it
@@ -42,24 +75,7 @@ class AlignedViTBackbone(VisionBackbone):
         projector policy only knows the stock projectors, so the DecoderProjector is named here
         (its timm Blocks are caught by the Block rule, too).
         """
-        vit = partial(_module_wrap_policy, module_classes={type(self.featurizer), DecoderProjector})
-        blocks = partial(transformer_auto_wrap_policy, transformer_layer_cls={Block, *V.block_classes(self.featurizer)})
-        return partial(_or_policy, policies=[vit, blocks])
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.featurizer(pixel_values)
-
-    @property
-    def default_image_resolution(self) -> Tuple[int, int, int]:
-        return (3, self.default_image_size, self.default_image_size)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.featurizer.embed_dim
-
-    @property
-    def num_patches(self) -> int:
-        return self.spec.num_patches
+        return self.fsdp_policy(DecoderProjector)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -72,7 +88,3 @@ class AlignedViTBackbone(VisionBackbone):
     @property
     def num_heads(self) -> int:
         return self.spec.num_heads
-
-    @property
-    def half_precision_dtype(self) -> torch.dtype:
-        return self.dtype

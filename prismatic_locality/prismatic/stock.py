@@ -10,18 +10,15 @@ from Prismatic's stock baselines only in the teacher.
 """
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable, Tuple
-
 import torch
-from prismatic.models.backbones.vision import VisionBackbone
-from torch.distributed.fsdp.wrap import _module_wrap_policy, _or_policy, transformer_auto_wrap_policy
 
+from .. import vit as V
+from .backbone import TimmFeaturizerBackbone
 from .features import image_transform, load_stock_featurizer, prismatic_crop_pct
 from .weights import STOCK_BACKBONES, require_timm
 
 
-class StockViTBackbone(VisionBackbone):
+class StockViTBackbone(TimmFeaturizerBackbone):
     """A pretrained timm ViT from `weights.STOCK_BACKBONES`, used as Prismatic uses its own."""
 
     def __init__(self, vision_backbone_id: str, image_resize_strategy: str, default_image_size: int = 224) -> None:
@@ -30,34 +27,10 @@ class StockViTBackbone(VisionBackbone):
         self.timm_name = STOCK_BACKBONES[vision_backbone_id].timm_name
         self.dtype = torch.bfloat16
         self.featurizer = load_stock_featurizer(self.timm_name, default_image_size)
+        self.spec = V.vit_spec(self.featurizer, strict=False)  # grid and prefix tokens of any timm ViT family
         cfg = self.featurizer.pretrained_cfg
         self.image_transform = image_transform(
             default_image_size, cfg["mean"], cfg["std"], image_resize_strategy,
             interpolation=cfg.get("interpolation") or "bicubic",
             crop_pct=prismatic_crop_pct(self.timm_name, cfg.get("crop_pct") or 1.0),
         )
-
-    def get_fsdp_wrapping_policy(self) -> Callable:
-        """Wrap each block and the whole featurizer, as Prismatic's policy does for VisionTransformer/Block."""
-        vit = partial(_module_wrap_policy, module_classes={type(self.featurizer)})
-        blocks = partial(transformer_auto_wrap_policy, transformer_layer_cls={type(self.featurizer.blocks[0])})
-        return partial(_or_policy, policies=[vit, blocks])
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.featurizer(pixel_values)
-
-    @property
-    def default_image_resolution(self) -> Tuple[int, int, int]:
-        return (3, self.default_image_size, self.default_image_size)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.featurizer.embed_dim
-
-    @property
-    def num_patches(self) -> int:
-        return self.featurizer.patch_embed.num_patches
-
-    @property
-    def half_precision_dtype(self) -> torch.dtype:
-        return self.dtype
