@@ -275,6 +275,7 @@ def test_trains_from_webdataset_shards(tmp_path):
     assert load_aligned(out).spec.num_tokens == 17
 
 
+@pytest.mark.slow
 def test_a_kill_inside_the_state_swap_resumes_from_the_complete_copy(tmp_path, data, monkeypatch):
     """A kill between the renames that replace state/ (no state/ on disk for an instant)."""
     ref = train(tiny_cfg(tmp_path, "--run_name", "ref"))
@@ -311,6 +312,7 @@ def test_a_run_with_a_history_but_no_state_is_not_silently_restarted(tmp_path, d
     train(tiny_cfg(tmp_path, "--max_steps", "4", "--resume", "never"))   # the explicit way to start over
 
 
+@pytest.mark.slow
 def test_a_torn_last_metrics_line_is_dropped_and_other_damage_names_the_file(tmp_path, data, monkeypatch):
     ref = train(tiny_cfg(tmp_path, "--run_name", "ref"))
     real = crash_at_loss_call(monkeypatch, 7)    # in step 3, state saved at step 2
@@ -329,6 +331,7 @@ def test_a_torn_last_metrics_line_is_dropped_and_other_damage_names_the_file(tmp
         train(tiny_cfg(tmp_path, "--run_name", "crash"))
 
 
+@pytest.mark.slow
 def test_the_logged_loss_window_after_a_resume_equals_an_uninterrupted_run(tmp_path, data, monkeypatch):
     ref = train(tiny_cfg(tmp_path, "--run_name", "ref", "--log_every", "3"))
     real = crash_at_loss_call(monkeypatch, 7)    # in step 3; resumes at step 2, the log at 3 covers 1-3
@@ -340,6 +343,7 @@ def test_the_logged_loss_window_after_a_resume_equals_an_uninterrupted_run(tmp_p
     assert logged(ref.parent) == logged(out.parent) and same_weights(ref, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_the_state_and_exits_with_one_line(tmp_path, data, monkeypatch, capsys, sig):
     ref = train(tiny_cfg(tmp_path, "--run_name", "ref"))

@@ -55,6 +55,7 @@ def test_probe_features_benchmark_projects_the_cache_speedup(tmp_path):
     assert not any(p.name.startswith("probe-bench-") for p in tmp_path.iterdir())  # temp data removed
 
 
+@pytest.mark.slow
 def test_teacher_bf16_error_benchmark_measures_both_bf16_teachers(tmp_path):
     out = tmp_path / "err.json"
     assert load("teacher_bf16_error").main(["--images", "4", "--out", str(out)]) == 0

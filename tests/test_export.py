@@ -68,6 +68,7 @@ def test_registered_name_without_weights_is_one_line():
         timm.create_model("vit_tiny_patch16_224_softcap.maskembed", pretrained=True)
 
 
+@pytest.mark.slow
 @needs_timm_hub
 def test_export_timm_round_trips_through_hf_hub_offline(ckpt, tmp_path, hf_cache):
     out = tmp_path / "export"
@@ -137,6 +138,7 @@ def _transformers():
     return transformers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drop", [False, True])
 def test_transformers_automodel_gives_the_aligned_features(ckpt, tmp_path, drop):
     transformers = _transformers()
@@ -192,6 +194,7 @@ def test_every_family_inspects_exports_and_loads_by_name(family, tmp_path):
     assert exported.pretrained_cfg["input_size"][-1] == V.vit_spec(vit).img_size
 
 
+@pytest.mark.slow  # fresh interpreters importing torch and timm: ~5 s each
 @pytest.mark.parametrize("order", ["prismatic_locality, timm", "timm, prismatic_locality",
                                    "prismatic_locality, prismatic_locality.export, timm",
                                    "prismatic_locality, prismatic_locality.hub, timm",
@@ -213,6 +216,7 @@ def test_registration_in_either_import_order_and_the_package_import_stays_light(
     assert r.stdout.split() == ["True", "True"], (r.stdout, r.stderr[-2000:])
 
 
+@pytest.mark.slow  # a fresh interpreter importing transformers: ~9 s
 def test_transformers_in_a_fresh_process_after_import_prismatic_locality(ckpt, tmp_path):
     """The documented lines, in a process where nothing imported timm before transformers did."""
     import os

@@ -324,6 +324,7 @@ def test_new_recipes_name_supported_timm_models(recipe, capsys):
     assert f"--teacher.model {cfg.teacher.model}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_maskembed_step_benchmark_accepts_family_recipes(tmp_path):
     import importlib.util
     import pathlib

@@ -109,6 +109,7 @@ class CountForward:
         self.calls += 1
 
 
+@pytest.mark.slow
 def test_coco_end_to_end_and_cache_reuse(tmp_path):
     root = write_coco(tmp_path / "coco")
     cfg = tiny_cfg(root, "coco-stuff", tmp_path)
@@ -202,6 +203,7 @@ def test_killed_extraction_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     assert calls["n"] == 2 and json.loads((again.features_dir / "meta.json").read_text())["resumed_at"] == 0
 
 
+@pytest.mark.slow
 def test_a_second_extraction_of_the_same_cache_waits_for_the_first(tmp_path):
     import threading
 
@@ -230,6 +232,7 @@ def ade_cli(tmp_path, epochs: int) -> list[str]:
             "--cache_dir", str(tmp_path / "cache"), "--device", "cpu", "--figure_images", "1", "--threads", "1"]
 
 
+@pytest.mark.slow
 def test_cli_ade20k_and_compare(tmp_path, capsys):
     common = ade_cli(tmp_path, epochs=2)
     assert probe_run.main(common + ["--output_dir", str(tmp_path / "a"), "--task", "local"]) == 0
@@ -399,6 +402,7 @@ def coco_results(name: str, recall: dict) -> dict:
                       "per_class_recall": per_class, "val_positives": [int(v is not None) for v in per_class]}}
 
 
+@pytest.mark.slow  # two probe runs on the COCO fixture: ~6 s
 def test_compare_ranks_class_changes_within_things_and_stuff(tmp_path):
     # person (1) +0.20, cup (47) +0.30, bottle (44) -0.10, grass (124) +0.05, sky-other (157) -0.20;
     # class 12 (street sign, never annotated) has no recall in either run
@@ -417,6 +421,7 @@ def test_compare_ranks_class_changes_within_things_and_stuff(tmp_path):
     assert table in (tmp_path / "cmp" / "compare.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_waiting_extraction_says_whom_it_waits_for_and_reports_reuse_truthfully(tmp_path, caplog):
     import threading
 
