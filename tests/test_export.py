@@ -229,7 +229,7 @@ def test_transformers_in_a_fresh_process_after_import_prismatic_locality(ckpt, t
     x = torch.randn(2, 3, 32, 32)
     torch.save({"x": x, "ref": reference(ckpt, x)}, tmp_path / "ref.pt")
     code = ("import torch, prismatic_locality\nfrom transformers import AutoModel\n"
-            f"m = AutoModel.from_pretrained({str(out)!r}).eval()\nd = torch.load({str(tmp_path / 'ref.pt')!r})\n"
+            f"m = AutoModel.from_pretrained({str(out)!r}).eval()\nd = torch.load({str(tmp_path / 'ref.pt')!r}, weights_only=True)\n"
             "with torch.no_grad():\n    print(float((m(pixel_values=d['x']).last_hidden_state - d['ref']).abs().max()))")
     r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})

@@ -203,16 +203,21 @@ def test_killed_extraction_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     assert calls["n"] == 2 and json.loads((again.features_dir / "meta.json").read_text())["resumed_at"] == 0
 
 
-@pytest.mark.slow
-def test_a_second_extraction_of_the_same_cache_waits_for_the_first(tmp_path):
-    import threading
-
+def locked_cache_fixture(tmp_path):
+    """A tiny COCO split, a backbone, an empty cache dir and the feature dir an extraction would take."""
     root = write_coco(tmp_path / "coco", n_train=4)
     bb = Backbone(tiny_vit("in1k"), "timm", "tiny")
     ds = ProbeDataset("coco-stuff", root, "train", 32, 8)
     cache = tmp_path / "cache"
     cache.mkdir()
-    feat_dir = cache / f"features-{F.features_key(bb, ds, 'fp32')}"
+    return bb, ds, cache, cache / f"features-{F.features_key(bb, ds, 'fp32')}"
+
+
+@pytest.mark.slow
+def test_a_second_extraction_of_the_same_cache_waits_for_the_first(tmp_path):
+    import threading
+
+    bb, ds, cache, feat_dir = locked_cache_fixture(tmp_path)
     result = {}
     with F._locked(feat_dir):  # as if another process were extracting it
         t = threading.Thread(target=lambda: result.update(split=F.build_split(ds, bb, cache, batch_size=4)))
@@ -425,12 +430,7 @@ def test_compare_ranks_class_changes_within_things_and_stuff(tmp_path):
 def test_a_waiting_extraction_says_whom_it_waits_for_and_reports_reuse_truthfully(tmp_path, caplog):
     import threading
 
-    root = write_coco(tmp_path / "coco", n_train=4)
-    bb = Backbone(tiny_vit("in1k"), "timm", "tiny")
-    ds = ProbeDataset("coco-stuff", root, "train", 32, 8)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    feat_dir = cache / f"features-{F.features_key(bb, ds, 'fp32')}"
+    bb, ds, cache, feat_dir = locked_cache_fixture(tmp_path)
     lab_dir = cache / f"labels-{F.labels_key(ds)}"
     result = {}
     with caplog.at_level("INFO", logger=F.__name__):
