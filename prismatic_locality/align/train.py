@@ -6,6 +6,9 @@ masked images, the student (encoder f_θ + decoder g_ψ, `maskembed.MaskEmbed`) 
 the clean images' embeddings, the loss is back-propagated (under DDP ``no_sync`` except on the last
 micro-batch); then grad-norm clip, AdamW, cosine lr.
 
+``--objective mim|clipself`` trains another (student, teacher) pair with the same step, data,
+resume and checkpoints (`objectives.py`; docs/align.md "Objectives").
+
 `train` is set up in named parts, each a function or object below:
 
     build_model      student (encoder f_θ + decoder g_ψ) and teacher h; seeded
