@@ -215,6 +215,8 @@ def aligned_teacher(cfg: AlignConfig, like: Teacher) -> Teacher:
     if (s.img_size, s.patch_size) != (t.img_size, t.patch_size):
         raise ValueError(f"config field 'teacher.aligned': {cfg.teacher.aligned} is {s.img_size} px with patch "
                          f"{s.patch_size}, the student {t.img_size} px with patch {t.patch_size}")
+    # the images are preprocessed as for the student (the original ViT): its resize/crop/mean/std
+    encoder.pretrained_cfg = getattr(like.vit, "pretrained_cfg", None) or encoder.pretrained_cfg
     if isinstance(like, O.MIMTeacher):
         return O.MIMTeacher(encoder)
     return Teacher(encoder, target=like.target, masking=like.masking)
