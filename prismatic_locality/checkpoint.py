@@ -4,6 +4,8 @@
 norm, ``head`` = the Linear to the decoder width) and ``decoder.*`` (``pos_embed``, ``blocks``,
 ``norm``, ``head``): the same keys as the paper's released checkpoints. ``config.json`` has all that
 is needed to rebuild both modules without the trainer and without downloading the teacher.
+``config.json``'s ``objective`` says what trained it (absent = ``maskembed``); the ``mim`` and
+``clipself`` objectives train no decoder: ``"decoder": null`` and no ``decoder.*`` keys.
 
 Writes are atomic (temp directory + rename); loading never unpickles anything.
 """
@@ -20,6 +22,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from . import vit as V
+from .choices import OBJECTIVES
 from .decoder import DecoderConfig, MaskEmbedDecoder
 from .fileio import atomic_dir_write, read_json, write_json
 from .maskembed import make_encoder
@@ -41,12 +44,16 @@ class AlignedModel:
     encoder: timm ViT; ``encoder.forward_features(x)`` (= `maskembed.aligned_features`) is the aligned
              backbone's output: last block, final norm, prefix tokens kept, soft-capped attention.
              ``encoder.head`` maps features to the decoder width (the VLM adapter's input projection).
-    decoder: the trained `MaskEmbedDecoder`.
+    decoder: the trained `MaskEmbedDecoder`; None for a checkpoint trained without one (mim, clipself).
     """
 
     encoder: nn.Module
-    decoder: MaskEmbedDecoder
+    decoder: Optional[MaskEmbedDecoder]
     config: dict
+
+    @property
+    def objective(self) -> str:
+        return objective_of(self.config)
 
     @property
     def spec(self) -> V.ViTSpec:
@@ -74,7 +81,12 @@ def encoder_config(encoder: nn.Module, model_name: str, softcap: float, timm_kwa
     }
 
 
-def save_aligned(out_dir: str | os.PathLike, encoder: nn.Module, decoder: MaskEmbedDecoder, *,
+def objective_of(config: dict) -> str:
+    """The objective an aligned checkpoint was trained with (config.json's ``objective``; absent = maskembed)."""
+    return config.get("objective", "maskembed")
+
+
+def save_aligned(out_dir: str | os.PathLike, encoder: nn.Module, decoder: Optional[MaskEmbedDecoder], *,
                  model_name: str, softcap: float, timm_kwargs: Optional[dict] = None,
                  extra: Optional[dict] = None) -> Path:
     """Write an aligned checkpoint directory atomically.
@@ -85,11 +97,12 @@ def save_aligned(out_dir: str | os.PathLike, encoder: nn.Module, decoder: MaskEm
     config = {
         "format": FORMAT,
         "encoder": encoder_config(encoder, model_name, softcap, timm_kwargs),
-        "decoder": decoder.cfg.to_dict(),
+        "decoder": None if decoder is None else decoder.cfg.to_dict(),
         **(extra or {}),
     }
     tensors = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
-    tensors.update({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
+    if decoder is not None:
+        tensors.update({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
     def write(tmp: Path):
@@ -123,14 +136,16 @@ def model_card(config: dict) -> str:
              if isinstance(training.get("step"), int) and isinstance(training.get("last_loss"), float) else None),
             ("converted from", f"`{Path(str(source['file'])).name}`" if source.get("file") else None),
             ("attention soft-cap", str(enc["softcap"])),
-            ("decoder", f"{config['decoder']['depth']} blocks, width {config['decoder']['width']}")]
+            ("objective", f"`{objective_of(config)}`" if objective_of(config) != "maskembed" else None),
+            ("decoder", f"{config['decoder']['depth']} blocks, width {config['decoder']['width']}"
+             if isinstance(config.get("decoder"), dict) else "none")]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows if v is not None)
     front = "\n".join(meta)
     return f"""---
 {front}
 ---
 
-# {tag}, locality-aligned with MaskEmbed
+# {tag}, post-trained with {dict(maskembed='MaskEmbed', mim='MIM', clipself='CLIPSelf')[objective_of(config)]}
 
 A vision transformer post-trained with MaskEmbed (*Locality Alignment Improves Vision-Language
 Models*, Covert et al., ICLR 2025) so that its patch tokens encode what is where. The encoder
@@ -220,8 +235,14 @@ def read_config(path: str | os.PathLike) -> dict:
     for key in ("encoder", "decoder"):
         if key not in cfg:
             raise CheckpointError(f"{cfg_file}: missing field '{key}'")
+    objective = objective_of(cfg)
+    if objective not in OBJECTIVES:
+        raise CheckpointError(f"{cfg_file}: field 'objective' must be one of {' | '.join(OBJECTIVES)}, got {objective!r}")
     _check_fields(cfg["encoder"], "encoder", ENCODER_FIELDS, ENCODER_OPTIONAL, cfg_file, allow_unknown=True)
-    _check_fields(cfg["decoder"], "decoder", *_decoder_fields(), cfg_file)  # DecoderConfig(**decoder) takes no others
+    if cfg["decoder"] is None and objective == "maskembed":
+        raise CheckpointError(f"{cfg_file}: field 'decoder' is null, but a maskembed checkpoint has a decoder")
+    if cfg["decoder"] is not None:
+        _check_fields(cfg["decoder"], "decoder", *_decoder_fields(), cfg_file)  # DecoderConfig(**decoder) takes no others
     return cfg
 
 
@@ -267,13 +288,16 @@ def load_aligned(path: str | os.PathLike, device: str | torch.device = "cpu", at
         raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from None
     enc_state, dec_state = split_state(tensors)
     encoder = build_encoder(cfg["encoder"], attn_impl=attn_impl)
-    decoder = MaskEmbedDecoder(DecoderConfig(**cfg["decoder"]))
+    decoder = None if cfg["decoder"] is None else MaskEmbedDecoder(DecoderConfig(**cfg["decoder"]))
     try:
         load_module_state(encoder, enc_state, "encoder", str(weights))
-        load_module_state(decoder, dec_state, "decoder", str(weights))
+        if decoder is not None:
+            load_module_state(decoder, dec_state, "decoder", str(weights))
+        elif dec_state:
+            raise CheckpointError(f"{weights}: has decoder.* tensors but config.json says it has no decoder")
     except RuntimeError as e:  # size mismatches
         raise CheckpointError(f"{weights}: {str(e).splitlines()[0]} {str(e).splitlines()[1:2]}") from None
-    return AlignedModel(encoder.to(device).eval(), decoder.to(device).eval(), cfg)
+    return AlignedModel(encoder.to(device).eval(), None if decoder is None else decoder.to(device).eval(), cfg)
 
 
 def is_aligned_checkpoint(path: str | os.PathLike) -> bool:

@@ -10,3 +10,4 @@ MASK_KINDS = ("uniform", "bernoulli", "block")  # masks.build_mask_sampler
 ATTN_IMPLS = ("auto", "flex", "math")           # vit.softcapped_attention: the soft-capped kernel
 PRECISIONS = ("auto", "bf16", "fp32")           # precision.resolve
 DATA_FORMATS = ("auto", "folder", "wds")        # data.sources.open_source
+OBJECTIVES = ("maskembed", "mim", "clipself")   # objectives.py: what `locality align` trains

@@ -110,3 +110,60 @@ def test_demo_softcap_reaches_the_trainer(tmp_path, monkeypatch):
         with pytest.raises(Stop):
             D.main(["--quick", "--out", str(tmp_path / "demo"), *argv])
         assert seen["softcap"] == cap
+
+
+def test_demo_objective_and_mim_flags_reach_the_trainer(tmp_path, monkeypatch, capsys):
+    """--objective clipself trains `demo-clipself`; --mim-steps N trains `demo-mim` for N steps, then
+    MaskEmbed with that run's checkpoint as the teacher (the student still from the original teacher)."""
+    import prismatic_locality.align.train as AT
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(cfg):
+        calls.append(cfg)
+        if cfg.objective != "mim":
+            raise Stop
+        return tmp_path / "mim-ckpt"
+
+    monkeypatch.setattr(AT, "train", fake_train)
+    monkeypatch.setattr(D, "read_config", lambda path: {})
+    with pytest.raises(Stop):
+        D.main(["--quick", "--out", str(tmp_path / "a"), "--objective", "clipself"])
+    assert [(c.recipe, c.objective, c.teacher.aligned) for c in calls] == [("demo-clipself", "clipself", None)]
+
+    calls.clear()
+    with pytest.raises(Stop):
+        D.main(["--quick", "--out", str(tmp_path / "b"), "--mim-steps", "2", "--precision", "fp32"])
+    (mim, align) = calls
+    assert (mim.recipe, mim.objective, mim.max_steps, mim.teacher.aligned) == ("demo-mim", "mim", 2, None)
+    assert (align.recipe, align.objective, align.teacher.aligned) == ("demo", "maskembed", str(tmp_path / "mim-ckpt"))
+    assert mim.teacher.weights == align.teacher.weights == str(T.SHIPPED_TEACHER)
+
+    from prismatic_locality.demo.args import main as cli
+    with pytest.raises(SystemExit) as e:
+        cli(["--mim-steps", "2", "--objective", "clipself"])
+    assert e.value.code == 2 and "--mim-steps needs --objective maskembed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, objective, mim_steps", [(["--objective", "clipself"], "clipself", 0),
+                                                         (["--mim-steps", "2"], "maskembed", 2)])
+def test_quick_demo_with_another_objective_or_mim_first(tmp_path, flags, objective, mim_steps):
+    out = tmp_path / "demo"
+    assert D.main(["--quick", "--out", str(out), *flags]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert (res["objective"], res["mim_steps"]) == (objective, mim_steps)
+    assert (res["config"]["objective"], res["config"]["mim_steps"]) == (objective, mim_steps)
+    assert res["align"]["objective"] == objective and all(0 <= res["recall"][m]["local"] <= 1 for m in ("teacher", "aligned"))
+    md = (out / "report.md").read_text()
+    from prismatic_locality.checkpoint import load_aligned
+    if objective == "clipself":
+        assert res["align"]["recipe"] == "demo-clipself" and "Objective: CLIPSelf" in md
+        assert load_aligned(out / "align" / "aligned").decoder is None
+    else:
+        assert res["mim"]["recipe"] == "demo-mim" and res["mim"]["steps"] == 2 and "MIM first" in md
+        assert res["align"]["teacher_aligned"] == str(out / "mim" / "aligned") and "mim" in res["timing_s"]
+        assert load_aligned(out / "mim" / "aligned").config["objective"] == "mim"

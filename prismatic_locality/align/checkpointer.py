@@ -111,10 +111,14 @@ class Checkpointer:
         """An aligned checkpoint (main process only): the encoder and decoder, and how they were trained."""
         t = self.cfg.teacher
         training = {k: v for k, v in summary.items() if k != "config"}
+        # the target actually trained on: mim regresses the final layer, clipself the pooled pre-logits
+        target = {"mim": "last", "clipself": "cls"}.get(self.cfg.objective, t.target)
+        teacher = {"model": t.model, "weights": t.weights, "target": target, "masking": t.masking,
+                   **({"aligned": t.aligned} if t.aligned is not None else {})}
         save_aligned(out, self.student.encoder, self.student.decoder, model_name=t.model,
                      softcap=self.cfg.encoder.softcap, timm_kwargs=t.timm_kwargs,
-                     extra={"teacher": {"model": t.model, "weights": t.weights, "target": t.target, "masking": t.masking},
-                            "target": t.target, "recipe": self.cfg.recipe, "align_config": self.cfg_dict,
+                     extra={"objective": self.cfg.objective, "teacher": teacher,
+                            "target": target, "recipe": self.cfg.recipe, "align_config": self.cfg_dict,
                             "training": training})
 
 

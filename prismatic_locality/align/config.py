@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import draccus
 
-from ..choices import ATTN_IMPLS, DATA_FORMATS, LOSSES, MASK_KINDS, PRECISIONS, TARGETS, TEACHER_MASKING
+from ..choices import ATTN_IMPLS, DATA_FORMATS, LOSSES, MASK_KINDS, OBJECTIVES, PRECISIONS, TARGETS, TEACHER_MASKING
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 AUGMENTS = ("rkrc", "none")
@@ -37,6 +37,9 @@ class TeacherConfig:
     pretrained: bool = True
     # local weights file (.safetensors / .pth, timm key layout); wins over `pretrained`
     weights: Optional[str] = None
+    # an aligned checkpoint directory (e.g. a MIM run's `aligned/`) whose encoder is the teacher h,
+    # exactly as trained (soft-cap included); the student is still initialised from model/weights
+    aligned: Optional[str] = None
     # architecture overrides passed to timm.create_model (tiny models: img_size, embed_dim, ...)
     timm_kwargs: Dict[str, Any] = field(default_factory=dict)
     # reconstruction target: penultimate (final norm of block L-1, reference) | last | cls
@@ -117,6 +120,8 @@ class OptimConfig:
 @dataclass
 class AlignConfig:
     recipe: Optional[str] = None
+    # what is trained (objectives.py; docs/align.md): maskembed (paper Eq. 1) | mim | clipself
+    objective: str = "maskembed"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderSettings = field(default_factory=DecoderSettings)
@@ -188,6 +193,15 @@ def demo_recipe() -> AlignConfig:
     return cfg
 
 
+def _objective(base: AlignConfig, name: str, objective: str) -> AlignConfig:
+    """`base` trained with another objective: mim keeps the MaskEmbed recipe's values (the reference's
+    MIM configs use the same ones); clipself uses the cosine loss (paper App. B.3)."""
+    base.recipe, base.objective = name, objective
+    if objective == "clipself":
+        base.loss = "cosine"
+    return base
+
+
 def demo_bf16_recipe() -> AlignConfig:
     """The demo on a CPU that multiplies bf16 in hardware (AVX512-BF16 / AMX, `vit.cpu_has_native_bf16`):
     bf16 autocast makes the step ~1.7x faster, so the same wall time aligns on twice the images
@@ -221,6 +235,12 @@ RECIPES: Dict[str, Callable[[], AlignConfig]] = {
     "c-radio-v3-l": lambda: _recipe("c-radio-v3-l", "vit_large_patch16_radio_v3.c_radio", 2e-4, 16),
     "demo": demo_recipe,
     "demo-bf16": demo_bf16_recipe,
+    # Other objectives (objectives.py; docs/align.md "Objectives"): the reference's MIM configs use
+    # clip-b-224's values; clipself has no reference config: clip-b-224's values with the cosine loss
+    "clip-b-224-mim": lambda: _objective(RECIPES["clip-b-224"](), "clip-b-224-mim", "mim"),
+    "clip-b-224-clipself": lambda: _objective(RECIPES["clip-b-224"](), "clip-b-224-clipself", "clipself"),
+    "demo-mim": lambda: _objective(demo_recipe(), "demo-mim", "mim"),
+    "demo-clipself": lambda: _objective(demo_recipe(), "demo-clipself", "clipself"),
 }
 
 
@@ -276,6 +296,7 @@ def check_range(name: str, value: Any, lo: float, hi: float = math.inf, lo_open:
 
 def validate(cfg: AlignConfig) -> AlignConfig:
     """Fail fast, one line naming the field."""
+    _choice(cfg.objective, OBJECTIVES, "objective")
     _choice(cfg.teacher.target, TARGETS, "teacher.target")
     _choice(cfg.teacher.masking, TEACHER_MASKING, "teacher.masking")
     _choice(cfg.teacher.dtype, DTYPES, "teacher.dtype")
@@ -316,6 +337,13 @@ def validate(cfg: AlignConfig) -> AlignConfig:
     lo, hi = cfg.data.ratio
     if not 0 < lo <= hi:
         raise ValueError(f"config field 'data.ratio' must satisfy 0 < lo <= hi, got {cfg.data.ratio}")
+    if cfg.teacher.aligned is not None:
+        if cfg.objective == "clipself" or (cfg.objective == "maskembed" and cfg.teacher.target == "cls"):
+            raise ValueError(f"config field 'teacher.aligned': an aligned encoder has no pooled output, so it cannot "
+                             f"be the teacher of objective '{cfg.objective}'"
+                             + (" with teacher.target cls" if cfg.objective == "maskembed" else ""))
+        if not os.path.isdir(cfg.teacher.aligned):
+            raise FileNotFoundError(f"config field 'teacher.aligned': no aligned checkpoint directory {cfg.teacher.aligned}")
     if cfg.data.root is None:
         raise ValueError("config field 'data.root' is required (an ImageFolder tree or a folder of .tar shards)")
     return cfg

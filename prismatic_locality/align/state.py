@@ -39,11 +39,11 @@ MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state
 RESUMABLE_CHANGES = (
     "resume", "output_dir", "run_name", "save_every", "save_epoch_checkpoints", "log_every", "validate",
     "wandb", "wandb_project", "device", "compile", "micro_batch", "data.workers", "data.root",
-    "teacher.weights", "encoder.attn_impl", "encoder.grad_checkpointing",
+    "teacher.weights", "teacher.aligned", "encoder.attn_impl", "encoder.grad_checkpointing",
 )
 # Must match: they decide what is trained on, how, and what the result is.
 RESULT_FIELDS = (
-    "recipe", "teacher.model", "teacher.pretrained", "teacher.timm_kwargs", "teacher.target", "teacher.masking",
+    "recipe", "objective", "teacher.model", "teacher.pretrained", "teacher.timm_kwargs", "teacher.target", "teacher.masking",
     "teacher.dtype", "encoder.softcap", "decoder.width", "decoder.depth", "decoder.init_values", "masks.kind",
     "masks.complement", "masks.null", "masks.keep_prob", "masks.block_ratio", "data.format", "data.train_split",
     "data.val_split", "data.augment", "data.scale", "data.ratio", "data.hflip", "data.interpolation",
@@ -117,9 +117,14 @@ def _norm(v: Any) -> Any:
     return json.loads(json.dumps(v, default=str))  # tuples vs lists, as stored
 
 
+# Fields added after training states were first written: their value in a state that lacks them.
+ADDED_FIELDS = {"objective": "maskembed", "teacher.aligned": None}
+
+
 def config_mismatch(saved: dict, current: dict, source: str) -> Optional[str]:
     """A one-line description of the first config field that differs (None if resumable)."""
     a, b = _flatten(_norm(saved)), _flatten(_norm(current))
+    a = {**{k: v for k, v in ADDED_FIELDS.items() if k in b}, **a}
     for key in sorted(set(a) | set(b)):
         if key in RESUMABLE_CHANGES:
             continue

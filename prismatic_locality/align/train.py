@@ -6,6 +6,9 @@ masked images, the student (encoder f_θ + decoder g_ψ, `maskembed.MaskEmbed`) 
 the clean images' embeddings, the loss is back-propagated (under DDP ``no_sync`` except on the last
 micro-batch); then grad-norm clip, AdamW, cosine lr.
 
+``--objective mim|clipself`` trains another (student, teacher) pair with the same step, data,
+resume and checkpoints (`objectives.py`; docs/align.md "Objectives").
+
 `train` is set up in named parts, each a function or object below:
 
     build_model      student (encoder f_θ + decoder g_ψ) and teacher h; seeded
@@ -54,6 +57,7 @@ from ..data import RKRC, EvalTransform, GlobalBatchOrder, SeededImages, collate,
 from ..data.dataset import CROPPED, UNREADABLE
 from ..decoder import MaskEmbedDecoder
 from ..fileio import check_output_dir, write_text
+from .. import objectives as O
 from ..maskembed import (MaskEmbed, Teacher, default_decoder_config, estimate_target_scale, make_encoder, peak_tflops,
                          train_flops_per_image)
 from ..masks import MaskSampler, build_mask_sampler, step_generator
@@ -178,18 +182,44 @@ def build_teacher_vit(cfg: AlignConfig) -> nn.Module:
     return vit
 
 
-def build_model(cfg: AlignConfig, device: torch.device) -> Tuple[MaskEmbed, Teacher]:
-    """Student (encoder f_θ, a copy of the teacher ViT, and decoder g_ψ) and teacher h; seeded, so
-    every rank agrees. The teacher is made ready to run by `build_teacher`."""
+def build_model(cfg: AlignConfig, device: torch.device) -> Tuple[nn.Module, Teacher]:
+    """The (student, teacher) pair of `cfg.objective`, seeded, so every rank agrees. MaskEmbed:
+    encoder f_θ (a copy of the teacher ViT) + decoder g_ψ, and teacher h; mim / clipself:
+    `objectives.build_pair`. With ``teacher.aligned`` the teacher is that checkpoint's encoder.
+    The teacher is made ready to run by `build_teacher`."""
     torch.manual_seed(cfg.seed)
     vit = build_teacher_vit(cfg)
     student_vit = copy.deepcopy(vit)
-    teacher = Teacher(vit, target=cfg.teacher.target, masking=cfg.teacher.masking)  # frozen: eval, no grad
-    dcfg = default_decoder_config(teacher.spec, V.vit_spec(student_vit), width=cfg.decoder.width,
-                                  depth=cfg.decoder.depth, init_values=cfg.decoder.init_values)
-    encoder = make_encoder(student_vit, dcfg.width, softcap=cfg.encoder.softcap, attn_impl=cfg.encoder.attn_impl)
-    student = MaskEmbed(encoder, MaskEmbedDecoder(dcfg), loss=cfg.loss, pooled_target=cfg.teacher.target == "cls")
+    if cfg.objective != "maskembed":
+        student, teacher = O.build_pair(cfg.objective, student_vit, vit, loss=cfg.loss, softcap=cfg.encoder.softcap,
+                                        attn_impl=cfg.encoder.attn_impl)
+    else:
+        teacher = Teacher(vit, target=cfg.teacher.target, masking=cfg.teacher.masking)  # frozen: eval, no grad
+        dcfg = default_decoder_config(teacher.spec, V.vit_spec(student_vit), width=cfg.decoder.width,
+                                      depth=cfg.decoder.depth, init_values=cfg.decoder.init_values)
+        encoder = make_encoder(student_vit, dcfg.width, softcap=cfg.encoder.softcap, attn_impl=cfg.encoder.attn_impl)
+        student = MaskEmbed(encoder, MaskEmbedDecoder(dcfg), loss=cfg.loss, pooled_target=cfg.teacher.target == "cls")
+    if cfg.teacher.aligned is not None:  # built last: the student's initialisation draws no differently
+        teacher = aligned_teacher(cfg, teacher)
     return student.to(device), teacher
+
+
+def aligned_teacher(cfg: AlignConfig, like: Teacher) -> Teacher:
+    """The teacher of the same kind as `like`, its ViT the encoder of the aligned checkpoint
+    ``teacher.aligned``, exactly the trained function (`load_aligned`: soft-capped attention, trained
+    final norm; its head is not used)."""
+    from ..checkpoint import load_aligned
+
+    encoder = load_aligned(cfg.teacher.aligned).encoder
+    s, t = V.vit_spec(encoder), like.spec
+    if (s.img_size, s.patch_size) != (t.img_size, t.patch_size):
+        raise ValueError(f"config field 'teacher.aligned': {cfg.teacher.aligned} is {s.img_size} px with patch "
+                         f"{s.patch_size}, the student {t.img_size} px with patch {t.patch_size}")
+    # the images are preprocessed as for the student (the original ViT): its resize/crop/mean/std
+    encoder.pretrained_cfg = getattr(like.vit, "pretrained_cfg", None) or encoder.pretrained_cfg
+    if isinstance(like, O.MIMTeacher):
+        return O.MIMTeacher(encoder)
+    return Teacher(encoder, target=like.target, masking=like.masking)
 
 
 def build_teacher(teacher: Teacher, cfg: AlignConfig, device: torch.device) -> Teacher:
@@ -213,7 +243,8 @@ def parallelize(student: MaskEmbed, cfg: AlignConfig, info: D.DistInfo) -> nn.Mo
 
     Returns the module the step calls; `student` itself stays the unwrapped module whose
     state_dict is saved."""
-    P.switch_attention(cfg.precision, info.device, student.decoder)
+    if student.decoder is not None:  # mim / clipself train no decoder
+        P.switch_attention(cfg.precision, info.device, student.decoder)
     if cfg.encoder.grad_checkpointing:
         student.encoder.set_grad_checkpointing(True)
     model: nn.Module = student
@@ -249,9 +280,12 @@ class Data:
     total_steps: int
 
 
-def build_data(cfg: AlignConfig, student: MaskEmbed, teacher: Teacher, info: D.DistInfo) -> Data:
-    sampler = build_mask_sampler(cfg.masks.kind, teacher.spec.grid, cfg.masks.complement, cfg.masks.null,
-                                 cfg.masks.keep_prob, cfg.masks.block_ratio)
+def build_data(cfg: AlignConfig, student: nn.Module, teacher: Teacher, info: D.DistInfo) -> Data:
+    if cfg.objective == "clipself":  # one grid-aligned crop window per image
+        sampler = O.CropSampler(teacher.spec.grid)
+    else:  # maskembed, mim: the MaskEmbed masks
+        sampler = build_mask_sampler(cfg.masks.kind, teacher.spec.grid, cfg.masks.complement, cfg.masks.null,
+                                     cfg.masks.keep_prob, cfg.masks.block_ratio)
     if sampler.num_patches != V.vit_spec(student.encoder).num_patches:
         raise ValueError("teacher and encoder patch grids differ")
     train_tf, eval_tf = data_transforms(cfg, teacher)
@@ -378,9 +412,10 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
                                             run.step if ckpt.resumed_from else None, cfg,
                                             run.saved.get("wandb_run_id"), run.saved.get("log_window")))
     # analytic cost of one image, for achieved TFLOP/s and MFU in the log line (nanoGPT-style)
-    metrics.cost(cfg.global_batch, train_flops_per_image(teacher.spec, V.vit_spec(student.encoder), student.decoder.cfg,
-                                                         data.sampler.masks_per_image, teacher.num_blocks)["total"],
-                 info.world_size, peak_tflops(device))
+    enc_spec, K = V.vit_spec(student.encoder), data.sampler.masks_per_image
+    flops = (train_flops_per_image(teacher.spec, enc_spec, student.decoder.cfg, K, teacher.num_blocks)
+             if cfg.objective == "maskembed" else O.train_flops_per_image(cfg.objective, teacher.spec, enc_spec, K))
+    metrics.cost(cfg.global_batch, flops["total"], info.world_size, peak_tflops(device))
     model = parallelize(student, cfg, info)
     stop = cleanup.enter_context(StopSignals())
     _loop(cfg, info, model, student, teacher, optimizer, data, ckpt, run, metrics, stop, autocast)

@@ -2,6 +2,7 @@
 usage error or ``--help`` answers at once; the run itself is `demo.run`."""
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Optional
 
@@ -21,12 +22,35 @@ def build_parser() -> ArgumentParser:
                    help="MaskEmbed encoder's attention soft-cap (default 30, the paper's; 0 = none, plain attention)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="MaskEmbed and probe heads; auto = bf16 on a CPU with hardware bf16, else fp32")
+    p.add_argument("--objective", choices=("maskembed", "clipself"), default="maskembed",
+                   help="what aligns the teacher: maskembed (default) or clipself (recipe demo-clipself)")
+    p.add_argument("--mim-steps", type=_non_negative, default=0, metavar="N",
+                   help="first MIM-tune the teacher for N steps (recipe demo-mim), then align with that model as "
+                        "MaskEmbed's teacher; the probe still compares the original teacher (default 0: no MIM)")
     return p
+
+
+def _non_negative(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.mim_steps and args.objective != "maskembed":  # a clipself teacher must have a pooled output
+        p.error("--mim-steps needs --objective maskembed (the MIM-tuned model is MaskEmbed's teacher)")
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    build_parser().parse_args(argv)  # usage errors and --help end here, before the heavy imports
+    parse(argv)  # usage errors and --help end here, before the heavy imports
     from .run import main as run
 
     return run(argv)

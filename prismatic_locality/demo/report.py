@@ -93,6 +93,9 @@ def write_report(out: Path, results: dict) -> Path:
     t = results["timing_s"]
     threads = results["machine"]["threads"]
     verdict = "met" if results["target_met"] else "NOT met"
+    clipself = results.get("objective") == "clipself"
+    mim = results.get("mim")
+    method = "CLIPSelf" if clipself else "MaskEmbed" + (" from MIM" if mim else "")
     if c["quick"]:
         verdict = f"not evaluated (quick mode; these sizes would say '{verdict}')"
     lines = [
@@ -106,12 +109,19 @@ def write_report(out: Path, results: dict) -> Path:
         "are then probed with the same frozen-feature transformer heads: **local** = which digits each patch",
         "contains, **global** = which digits the scene contains (macro recall at threshold 0.5).",
         "",
+        *([f"**Objective: CLIPSelf** (`--objective clipself`) instead of MaskEmbed: the student's patch features, "
+           "averaged over one grid-aligned crop window per image, must match the teacher's pooled output on that crop "
+           "resized to the input size (cosine loss; docs/align.md).", ""] if clipself else []),
+        *([f"**MIM first** (`--mim-steps {results['mim_steps']}`): the teacher was MIM-tuned for {results['mim_steps']} "
+           f"steps (`{mim['recipe']}` recipe: a copy sees masked pixels and regresses the teacher's unmasked features; "
+           f"final loss {_num(mim.get('last_loss'))}); that model was MaskEmbed's teacher. The probes compare the "
+           "ORIGINAL teacher with the final model; the MIM model itself is not probed.", ""] if mim else []),
         "## Results",
         "",
         "| model | local macro recall (%) | global macro recall (%) |",
         "|---|---|---|",
         f"| teacher | {_pct(r['teacher']['local'])} | {_pct(r['teacher']['global'])} |",
-        f"| aligned (MaskEmbed) | {_pct(r['aligned']['local'])} | {_pct(r['aligned']['global'])} |",
+        f"| aligned ({method}) | {_pct(r['aligned']['local'])} | {_pct(r['aligned']['global'])} |",
         f"| **change (points)** | **{d['local']:+.2f}** | **{d['global']:+.2f}** |",
         "",
         f"Each number is the mean of {c['probe']['heads_per_model_and_task']} probe head(s) trained with different seeds "
@@ -134,9 +144,11 @@ def write_report(out: Path, results: dict) -> Path:
         f"2. **Teacher** ({t['teacher']:.0f} s): {results['teacher']['source']}. timm `{results['teacher']['arch']}` "
         f"resized to {results['teacher']['shape']} ({results['teacher']['params'] / 1e6:.2f}M parameters), trained with BCE on image-level digit labels only "
         f"(its own head: {_pct(results['teacher']['own_head_global_recall'])}% global macro recall on val).",
-        f"3. **MaskEmbed** ({t['align']:.0f} s): the trainer's `{c['align']['recipe']}` recipe, {c['align']['steps']} steps × "
-        f"{c['align']['batch']} images × 3 masks, {c['align']['precision']} on CPU; final training loss {_num(results['align'].get('last_loss'))} "
-        "(targets have unit variance: predicting their mean scores ≈ 1.0). Checkpoint: `align/aligned/`.",
+        f"3. **{method}** ({t['align']:.0f} s): the trainer's `{c['align']['recipe']}` recipe, {c['align']['steps']} steps × "
+        f"{c['align']['batch']} images × {'1 crop' if clipself else '3 masks'}, {c['align']['precision']} on CPU; final training loss "
+        f"{_num(results['align'].get('last_loss'))} "
+        + ("(1 − cosine similarity)" if clipself else "(targets have unit variance: predicting their mean scores ≈ 1.0)")
+        + ". Checkpoint: `align/aligned/`" + (f"; the MIM model: `mim/aligned/` ({t.get('mim', 0):.0f} s)." if mim else "."),
         f"4. **Probes** ({t['probe']:.0f} s): the benchmark's 2-layer transformer head on frozen features, "
         f"{c['probe']['train_scenes']} train scenes, {c['probe']['epochs']['local']} epochs (local) / "
         f"{c['probe']['epochs']['global']} (global), lr {c['probe']['lr']:g}, batch {c['probe']['batch_size']}, "

@@ -3,11 +3,15 @@
     locality demo                 # < 10 min on 2 CPU cores; report in runs/demo/report.md
     locality demo --seed 1        # another seed (scenes, alignment masks/order, probe heads)
     locality demo --quick         # < 90 s smoke run through every stage (numbers meaningless)
+    locality demo --objective clipself   # align with CLIPSelf's crop objective instead (demo-clipself)
+    locality demo --mim-steps 300        # MIM-tune the teacher first (demo-mim), then MaskEmbed from it
 
 Stages, each the product's own code path:
 1. scenes   digit scenes in the probe benchmark's "demo" layout      (demo/scenes.py)
 2. teacher  the shipped image-level-label ViT (or `--train-teacher`)  (demo/teacher.py)
-3. align    MaskEmbed with the trainer's `demo-bf16` / `demo` recipe  (align.train)
+3. align    MaskEmbed with the trainer's `demo-bf16` / `demo` recipe  (align.train); with
+            --mim-steps N first a MIM run (`demo-mim`) whose model is MaskEmbed's teacher; with
+            --objective clipself the `demo-clipself` recipe instead
 4. probe    local + global probes of teacher and aligned model        (probe.features / probe.train)
 5. report   report.md, results.json, recall.png, qualitative.png     (demo/report.py)
 
@@ -35,7 +39,7 @@ from ..checkpoint import read_config
 from . import report as R
 from . import scenes as S
 from . import teacher as T
-from .args import build_parser
+from .args import parse
 
 log = logging.getLogger("prismatic_locality.demo")
 
@@ -118,24 +122,29 @@ def obtain_teacher(args, sizes: Sizes, out: Path, val: S.Scenes) -> tuple[Path, 
 
 
 def align(args, sizes: Sizes, out: Path, scenes_root: Path, teacher_path: Path,
-          run_name: str = "align") -> tuple[Path, dict]:
-    """MaskEmbed with the trainer's `demo-bf16` or `demo` recipe, pointed at this run's scenes and teacher."""
+          run_name: str = "align", recipe: Optional[str] = None, steps: Optional[int] = None,
+          teacher_aligned: Optional[Path] = None) -> tuple[Path, dict]:
+    """The trainer with `recipe` (default the run's: `demo-bf16`, `demo` or `demo-clipself`), pointed at
+    this run's scenes and teacher; `teacher_aligned` makes an aligned checkpoint (the MIM model) the teacher."""
     from ..align.config import get_recipe
     from ..align.train import train
 
-    cfg = get_recipe(args.recipe)
+    cfg = get_recipe(recipe or args.recipe)
     cfg.teacher.weights = str(teacher_path)
+    cfg.teacher.aligned = None if teacher_aligned is None else str(teacher_aligned)
     cfg.data.root = str(scenes_root)
     cfg.seed = args.seed
     cfg.output_dir, cfg.run_name, cfg.resume = str(out), run_name, "never"
     cfg.device = "cpu"
     cfg.encoder.softcap = args.softcap  # 30 as the recipe; 0 = MaskEmbed without the cap (docs/use.md)
-    if sizes.align_steps is not None:
-        cfg.max_steps = sizes.align_steps
-        cfg.save_every = sizes.align_steps
+    steps = steps if steps is not None else sizes.align_steps
+    if steps is not None:
+        cfg.max_steps = steps
+        cfg.save_every = steps
     ckpt = train(cfg)
     training = read_config(ckpt).get("training", {})
-    return ckpt, {"checkpoint": str(ckpt), "recipe": cfg.recipe, "precision": cfg.precision,
+    return ckpt, {"checkpoint": str(ckpt), "recipe": cfg.recipe, "objective": cfg.objective, "precision": cfg.precision,
+                  "teacher_aligned": cfg.teacher.aligned,
                   "softcap": cfg.encoder.softcap,
                   "steps": cfg.max_steps, "batch": cfg.global_batch, "lr": cfg.optim.lr,
                   "last_loss": training.get("last_loss"), "val_loss": training.get("val_loss")}
@@ -190,13 +199,15 @@ def probe_both(args, sizes: Sizes, scenes_root: Path, backbones: dict, out: Path
 
 
 def parse_args(argv):
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     args.teacher = args.teacher or str(T.SHIPPED_TEACHER)
     if args.precision == "auto":
         args.precision = P.fastest("cpu")
     # Same wall time either way: bf16 autocast is ~1.7x faster where the CPU multiplies bf16 in
     # hardware, and there MaskEmbed aligns on twice the images (align/config.py: demo_bf16_recipe).
     args.recipe = {"bf16": "demo-bf16", "fp32": "demo"}[args.precision]
+    if args.objective == "clipself":  # the fp32 demo recipe with CLIPSelf's crop objective
+        args.recipe = "demo-clipself"
     return args
 
 
@@ -209,9 +220,11 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timing: dict = {}
-    n = 5
+    n = 6 if args.mim_steps else 5
     cmd = "locality demo" + (f" --seed {args.seed}" if args.seed else "") + (" --quick" if args.quick else "") \
-        + f" --precision {args.precision}" + (f" --softcap {args.softcap:g}" if args.softcap != 30.0 else "")
+        + f" --precision {args.precision}" + (f" --softcap {args.softcap:g}" if args.softcap != 30.0 else "") \
+        + (f" --objective {args.objective}" if args.objective != "maskembed" else "") \
+        + (f" --mim-steps {args.mim_steps}" if args.mim_steps else "")
 
     with Stage(timing, "scenes", 1, n, f"digit scenes: {sizes.n_train} train / {sizes.n_val} val"):
         scenes_root = out / "scenes"
@@ -220,9 +233,20 @@ def run(args) -> dict:
         teacher_path, teacher_vit, teacher_info = obtain_teacher(args, sizes, out, scenes["val"])
         print(f"      its own head: {100 * teacher_info['own_head_global_recall']:.1f}% global macro recall "
               f"({100 * teacher_info['own_head_global_recall_masked']:.1f}% on randomly masked scenes)")
-    with Stage(timing, "align", 3, n, f"MaskEmbed alignment (trainer, `{args.recipe}` recipe)"):
-        ckpt, align_info = align(args, sizes, out, scenes_root, teacher_path)
-    with Stage(timing, "probe", 4, n, "probing teacher and aligned model (local + global)"):
+    k = 3
+    mim_ckpt, mim_info = None, None
+    if args.mim_steps:
+        with Stage(timing, "mim", k, n, f"MIM-tuning the teacher, {args.mim_steps} steps (trainer, `demo-mim` recipe)"):
+            mim_ckpt, mim_info = align(args, sizes, out, scenes_root, teacher_path, run_name="mim", recipe="demo-mim",
+                                       steps=args.mim_steps)
+        k += 1
+    what = "CLIPSelf alignment" if args.objective == "clipself" else "MaskEmbed alignment" + (
+        " from the MIM-tuned teacher" if mim_ckpt else "")
+    with Stage(timing, "align", k, n, f"{what} (trainer, `{args.recipe}` recipe)"):
+        ckpt, align_info = align(args, sizes, out, scenes_root, teacher_path, teacher_aligned=mim_ckpt)
+    # the probes compare the ORIGINAL teacher with the final model (the MIM model is not probed: a third
+    # backbone would add a third of the probe stage's time)
+    with Stage(timing, "probe", k + 1, n, "probing teacher and aligned model (local + global)"):
         from ..probe.backbone import Backbone, BackboneConfig, load_backbone
 
         backbones = {"teacher": Backbone(teacher_vit, "timm", "teacher"),
@@ -244,7 +268,10 @@ def run(args) -> dict:
         "probe_curves": curves,
         "teacher": teacher_info,
         "align": align_info,
-        "config": {"seed": args.seed, "quick": args.quick,
+        "objective": args.objective,
+        "mim_steps": args.mim_steps,
+        "mim": mim_info,
+        "config": {"seed": args.seed, "quick": args.quick, "objective": args.objective, "mim_steps": args.mim_steps,
                    "scenes": {"n_train": sizes.n_train, "n_val": sizes.n_val, **asdict(S.SceneConfig())},
                    "align": {k: align_info[k] for k in ("recipe", "precision", "steps", "batch", "lr")},
                    "probe": {"train_scenes": sizes.probe_train, "epochs": sizes.probe_epochs, "lr": sizes.probe_lr, "batch_size": sizes.probe_batch,
@@ -254,7 +281,7 @@ def run(args) -> dict:
         "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
                     "platform": platform.platform(), "python": platform.python_version()},
     }
-    with Stage(timing, "report", 5, n, f"report in {out}"):
+    with Stage(timing, "report", n, n, f"report in {out}"):
         rows = sizes.figure_rows
         truth = S.patch_labels(scenes["val"].labels[:rows], spec.patch_size).numpy()
         timing["total"] = round(time.perf_counter() - t_start, 1)

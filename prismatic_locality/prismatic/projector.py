@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..checkpoint import AlignedModel
+from ..checkpoint import AlignedModel, CheckpointError
 from ..decoder import DecoderConfig, MaskEmbedDecoder
 
 
@@ -45,6 +45,9 @@ class ProjectorInit:
 
 def projector_init(aligned: AlignedModel) -> ProjectorInit:
     enc, dec = aligned.encoder, aligned.decoder
+    if dec is None:  # mim / clipself checkpoints: nothing to initialise the adapter from
+        raise CheckpointError(f"the DecoderProjector needs a MaskEmbed decoder; this checkpoint was trained with "
+                              f"objective '{aligned.objective}' and has none (use another projector)")
     fc_norm = getattr(enc, "fc_norm", None)
     has_fc_norm = fc_norm is not None and not isinstance(fc_norm, nn.Identity)
     clone = lambda sd: {k: v.detach().clone().cpu() for k, v in sd.items()}  # noqa: E731
