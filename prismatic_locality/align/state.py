@@ -117,11 +117,12 @@ def _norm(v: Any) -> Any:
     return json.loads(json.dumps(v, default=str))  # tuples vs lists, as stored
 
 
-def config_mismatch(saved: dict, current: dict, source: str) -> Optional[str]:
-    """A one-line description of the first config field that differs (None if resumable)."""
+def config_mismatch(saved: dict, current: dict, source: str, resumable: tuple = RESUMABLE_CHANGES) -> Optional[str]:
+    """A one-line description of the first config field that differs (None if resumable);
+    `resumable`: the fields that may change on resume (another command's list, default align's)."""
     a, b = _flatten(_norm(saved)), _flatten(_norm(current))
     for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_CHANGES:
+        if key in resumable:
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             return (f"{source}: config field '{key}' differs from the checkpoint "
