@@ -216,7 +216,7 @@ def base_args(root, out):
 
 
 @pytest.mark.parametrize("case", ["missing_val", "empty_train", "class_mismatch", "loose_image", "bad_field",
-                                  "odd_micro_batch", "bad_head", "one_class"])
+                                  "odd_micro_batch", "bad_head", "one_class", "bad_backbone"])
 def test_bad_input_is_one_line(case, squares, tmp_path, capsys):
     args = base_args(squares, tmp_path / "runs")
     if case == "missing_val":
@@ -241,6 +241,9 @@ def test_bad_input_is_one_line(case, squares, tmp_path, capsys):
     elif case == "bad_head":
         args += ["--model.head", "map"]
         want = "'model.head'"
+    elif case == "bad_backbone":
+        args[args.index("--model.backbone") + 1] = str(tmp_path)  # a folder, not an aligned checkpoint
+        want = f"{tmp_path}/config.json"
     else:
         one = write_folder(tmp_path / "one", classes={"red": COLOURS["red"]})
         args[args.index("--data.root") + 1] = str(one)
@@ -258,3 +261,13 @@ def test_unreadable_image_is_a_counted_logged_skip(squares, tmp_path, caplog, on
     assert sum("skipped unreadable image" in r.getMessage() and str(bad) in r.getMessage() for r in caplog.records) == 1
     recs = read_jsonl(out / "metrics.jsonl")
     assert recs[-2]["skipped_images"] == 1
+
+
+def test_randaugment_full_strength_posterize_is_a_black_image_on_any_pillow():
+    from prismatic_locality.finetune.data import TrainTransform
+
+    t = TrainTransform(FC.get_recipe("clip-b-224"), 32, (0.5,) * 3, (0.5,) * 3)
+    op = next(op for op in t.color.ops if op.name == "PosterizeIncreasing")
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert op.aug_fn(img, 0).getextrema() == ((0, 0),) * 3      # keep 0 bits (magnitude 10)
+    assert op.aug_fn(img, 1).getpixel((0, 0)) == (128, 0, 0)    # ordinary strengths: Pillow's posterize

@@ -111,8 +111,7 @@ class FinetuneConfig:
 # Fields that may differ when a run resumes (where/how it runs, not what it computes); every
 # other field must match the saved state's config (`align.state.config_mismatch`).
 RESUMABLE_CHANGES = ("resume", "output_dir", "run_name", "save_every", "log_every", "wandb", "wandb_project",
-                     "device", "micro_batch", "data.workers", "data.root", "data.val_batch_size", "model.weights",
-                     "model.backbone")
+                     "device", "micro_batch", "data.workers", "data.root", "data.val_batch_size", "model.weights")
 
 
 # --------------------------------------------------------------------------------------------
