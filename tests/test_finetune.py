@@ -17,7 +17,7 @@ from prismatic_locality.align.train import Stopped
 from prismatic_locality.decoder import MaskEmbedDecoder
 from prismatic_locality.finetune import config as FC
 from prismatic_locality.finetune import train as FT
-from prismatic_locality.finetune.model import Classifier, build_classifier, build_optimizer
+from prismatic_locality.finetune.model import build_classifier, build_optimizer
 from prismatic_locality.maskembed import default_decoder_config, make_encoder
 
 from conftest import TINY, tiny_vit
