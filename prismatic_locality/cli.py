@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     # name: (module, one-line help)
     "align": ("prismatic_locality.align.train", "MaskEmbed locality alignment of a timm ViT (torchrun-able)"),
+    "finetune": ("prismatic_locality.finetune.train", "ImageNet-style classification fine-tuning: top-1 / top-5"),
     "probe": ("prismatic_locality.probe.run", "patch-level probing benchmark: local and global macro recall"),
     "probe-compare": ("prismatic_locality.probe.compare", "put several probe results.json side by side"),
     # the demo's arguments are parsed before torch is imported, so a usage error is instant

@@ -639,6 +639,29 @@ def reset_output(model: nn.Module, out_dim: int, norm_eps: float = 1e-5) -> nn.M
     return model
 
 
+def set_drop_path(model: nn.Module, rate: float) -> nn.Module:
+    """Stochastic depth in place, rising linearly from 0 at the first block to `rate` at the last
+    (timm's ``drop_path_rate`` schedule), for a model built without it (an aligned encoder)."""
+    from timm.layers import DropPath
+
+    blocks = list(model.blocks)
+    for i, block in enumerate(blocks):
+        r = rate * i / max(len(blocks) - 1, 1)
+        for name in ("drop_path1", "drop_path2"):  # timm Block and Eva block
+            if hasattr(block, name):
+                setattr(block, name, DropPath(r) if r > 0 else nn.Identity())
+    return model
+
+
+def drop_pooling(model: nn.Module) -> nn.Module:
+    """Remove what sits after ``forward_features`` (a MAP head, a classifier or MaskEmbed head), in place:
+    only the token features are used, so unused parameters are neither trained nor decayed."""
+    if getattr(model, "attn_pool", None) is not None:
+        model.attn_pool = None
+    model.head = nn.Identity()
+    return model
+
+
 def output_norm_eps(model: nn.Module, default: float = 1e-5) -> float:
     """eps of the encoder's re-initialised output norm (final norm, else fc_norm)."""
     for norm in (model.norm, getattr(model, "fc_norm", None)):

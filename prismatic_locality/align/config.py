@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -244,9 +245,10 @@ RECIPES: Dict[str, Callable[[], AlignConfig]] = {
 }
 
 
-def describe_recipe(name: str) -> str:
-    """The fields a recipe sets, as dotted ``--field value`` lines (what ``--recipe X --help`` prints)."""
-    base, cfg = to_dict(AlignConfig()), to_dict(get_recipe(name))
+def describe_recipe(name: str, config_cls: type = None, get: Callable[[str], Any] = None) -> str:
+    """The fields a recipe sets, as dotted ``--field value`` lines (what ``--recipe X --help`` prints).
+    `config_cls` / `get`: another command's config class and recipe lookup (default: align's)."""
+    base, cfg = to_dict((config_cls or AlignConfig)()), to_dict((get or get_recipe)(name))
 
     def diff(a: dict, b: dict, prefix: str = "") -> List[str]:
         out = []
@@ -260,10 +262,11 @@ def describe_recipe(name: str) -> str:
     return "\n".join([f"recipe '{name}' sets (over the defaults below):", *diff(base, cfg)])
 
 
-def get_recipe(name: str) -> AlignConfig:
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe '{name}' (known: {', '.join(RECIPES)})")
-    return RECIPES[name]()
+def get_recipe(name: str, recipes: Optional[Dict[str, Callable[[], Any]]] = None) -> AlignConfig:
+    recipes = RECIPES if recipes is None else recipes
+    if name not in recipes:
+        raise ValueError(f"unknown recipe '{name}' (known: {', '.join(recipes)})")
+    return recipes[name]()
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,9 +374,14 @@ def _check_keys(d: dict, cls: type, where: str, prefix: str = "") -> None:
             _check_keys(v, factory, where, f"{prefix}{k}.")
 
 
-def parse_config(argv: Optional[List[str]] = None) -> AlignConfig:
-    """recipe < YAML (--config_path) < CLI, parsed by draccus; errors are one line naming the field."""
+def parse_config(argv: Optional[List[str]] = None, config_cls: type = None,
+                 recipes: Optional[Dict[str, Callable[[], Any]]] = None) -> AlignConfig:
+    """recipe < YAML (--config_path) < CLI, parsed by draccus; errors are one line naming the field.
+    `config_cls` / `recipes`: another command's config dataclass and recipe registry (default: align's)."""
     import yaml
+
+    config_cls = config_cls or AlignConfig
+    get = functools.partial(get_recipe, recipes=recipes)
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe", default=None)
@@ -391,11 +399,11 @@ def parse_config(argv: Optional[List[str]] = None) -> AlignConfig:
                 raise ValueError(f"{known.config_path}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(file_cfg, dict):
             raise ValueError(f"{known.config_path}: expected a mapping of config fields")
-        _check_keys(file_cfg, AlignConfig, known.config_path)
+        _check_keys(file_cfg, config_cls, known.config_path)
     recipe = known.recipe or file_cfg.get("recipe")
-    base = to_dict(get_recipe(recipe)) if recipe else to_dict(AlignConfig())
+    base = to_dict(get(recipe)) if recipe else to_dict(config_cls())
     if recipe and any(a in ("-h", "--help") for a in rest):
-        print(describe_recipe(recipe))
+        print(describe_recipe(recipe, config_cls, get))
     merged = _deep_merge(base, file_cfg)
     merged["recipe"] = recipe
 
@@ -404,7 +412,7 @@ def parse_config(argv: Optional[List[str]] = None) -> AlignConfig:
         with open(path, "w") as f:
             yaml.safe_dump(merged, f)
         try:
-            cfg = draccus.parse(AlignConfig, config_path=path, args=rest, exit_on_error=False)
+            cfg = draccus.parse(config_cls, config_path=path, args=rest, exit_on_error=False)
         except draccus.utils.DraccusException as e:
             msg = " ".join(str(e).split())
             if msg.startswith("unrecognized arguments"):

@@ -121,12 +121,13 @@ def _norm(v: Any) -> Any:
 ADDED_FIELDS = {"objective": "maskembed", "teacher.aligned": None}
 
 
-def config_mismatch(saved: dict, current: dict, source: str) -> Optional[str]:
-    """A one-line description of the first config field that differs (None if resumable)."""
+def config_mismatch(saved: dict, current: dict, source: str, resumable: tuple = RESUMABLE_CHANGES) -> Optional[str]:
+    """A one-line description of the first config field that differs (None if resumable);
+    `resumable`: the fields that may change on resume (another command's list, default align's)."""
     a, b = _flatten(_norm(saved)), _flatten(_norm(current))
     a = {**{k: v for k, v in ADDED_FIELDS.items() if k in b}, **a}
     for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_CHANGES:
+        if key in resumable:
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             return (f"{source}: config field '{key}' differs from the checkpoint "

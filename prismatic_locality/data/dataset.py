@@ -51,7 +51,11 @@ class SeededImages(Dataset):
         return len(self.source)
 
     def __getitem__(self, key: Tuple[int, int]):
-        epoch, index = key
+        image, notes, _ = self.load_item(*key)
+        return image, notes
+
+    def load_item(self, epoch: int, index: int) -> Tuple[torch.Tensor, List[Tuple[str, str, str]], int]:
+        """(image tensor, notes, position of the file actually read: `index` or its substitute)."""
         notes: List[Tuple[str, str, str]] = []
         first_error = None
         tries = min(MAX_CONSECUTIVE_UNREADABLE, len(self.source))
@@ -68,7 +72,7 @@ class SeededImages(Dataset):
                               f"({img.size[0]}x{img.size[1]} px) to aspect {MAX_ASPECT:g}:1 before resizing"))
                 img = crop_extreme_aspect(img)
             # the augmentation is keyed on the slot (index), not on the substitute file
-            return self.transform(img, sample_rng(self.seed, epoch, index)), notes
+            return self.transform(img, sample_rng(self.seed, epoch, index)), notes, j
         what = f"all {tries} images" if tries == len(self.source) else f"{tries} consecutive images from {self.source.name(index)}"
         raise ValueError(f"{what} are unreadable, e.g. {first_error}")
 

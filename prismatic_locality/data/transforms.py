@@ -79,6 +79,10 @@ class RKRC:
     aspect_prob: float = 0.5
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        return to_normalized_tensor(self.crop(img, rng), self.mean, self.std)
+
+    def crop(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """The geometric part (zoom, aspect, crop or pad, flip) as a PIL image, before normalising."""
         # Draw every number unconditionally: a fixed number of draws per image keeps it easy to reason about.
         u = rng.random(7)
         img = crop_extreme_aspect(img)
@@ -97,7 +101,7 @@ class RKRC:
         img = center_crop_or_pad(img, self.size)
         if u[5] < self.hflip:
             img = TF.hflip(img)
-        return to_normalized_tensor(img, self.mean, self.std)
+        return img
 
 
 @dataclass
@@ -111,11 +115,14 @@ class EvalTransform:
     interpolation: str = "bicubic"
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        return to_normalized_tensor(self.crop(img), self.mean, self.std)
+
+    def crop(self, img: Image.Image, rng: np.random.Generator | None = None) -> Image.Image:
+        """The resize and centre crop as a PIL image, before normalising."""
         resize = math.floor(self.size / self.crop_pct)
         img = crop_extreme_aspect(img)
         img = TF.resize(img, resize, interpolation=_INTERP.get(self.interpolation, InterpolationMode.BICUBIC))
-        img = TF.center_crop(img, [self.size, self.size])
-        return to_normalized_tensor(img, self.mean, self.std)
+        return TF.center_crop(img, [self.size, self.size])
 
 
 __all__ = ["RKRC", "EvalTransform", "to_normalized_tensor", "crop_extreme_aspect", "is_extreme_aspect", "MAX_ASPECT"]

@@ -45,6 +45,10 @@ class Backbone:
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens(x)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B, T, D) features with autograd (fine-tuning); `features` is this without gradients."""
         if self.kind == "aligned":
             return M.aligned_features(self.model, x)
         return self.model.forward_features(x)
