@@ -140,11 +140,13 @@ def inspect_encoder(encoder: torch.nn.Module, images: torch.Tensor, batch_size: 
 
     encoder = encoder.eval()
     cap = V.softcap_of(encoder)
+    if cap == 0:  # trained without a cap (plain attention): measure its logits through cap-0 wrappers
+        encoder = _logits_visible(encoder)
     stats = LogitStats(encoder, thresholds)
     with stats:
         for x in images.split(batch_size):
             aligned_features(encoder, x)
-    uncapped = _uncapped(encoder)
+    uncapped = _uncapped(encoder) if cap else encoder  # no cap to remove: the error is 0 by definition
     return {
         "softcap": cap,
         "images": int(images.shape[0]),
@@ -152,6 +154,16 @@ def inspect_encoder(encoder: torch.nn.Module, images: torch.Tensor, batch_size: 
         "blocks": stats.rows(),
         "uncapped_feature_error": feature_error(uncapped, images, encoder, batch_size),
     }
+
+
+@torch.no_grad()
+def _logits_visible(encoder: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a plain-attention encoder whose blocks are `SoftCapAttention` with cap 0: the same
+    function (softmax(q kᵀ · scale) v), with the logits exposed to `LogitStats`."""
+    m = copy.deepcopy(encoder)
+    for blk in m.blocks:
+        blk.attn = V.SoftCapAttention(blk.attn, cap=0.0, impl="math")
+    return m
 
 
 @torch.no_grad()
@@ -198,12 +210,15 @@ def probe_change(encoder: torch.nn.Module, work_dir: Path, n_train: int = 3000, 
 def table(result: dict) -> str:
     ts = result["thresholds"]
     head = f"{'block':>5} " + " ".join(f"{'|s|>' + format(t, 'g'):>10}" for t in ts) + f" {'max |s|':>9} {'mean |s|':>9}"
-    lines = [f"attention logits before the cap (cap = {result['softcap']:g}) on {result['images']} images", head]
+    what = (f"before the cap (cap = {result['softcap']:g})" if result["softcap"]
+            else "(no cap: trained with plain attention)")
+    lines = [f"attention logits {what} on {result['images']} images", head]
     for r in result["blocks"]:
         fr = " ".join(f"{r['frac_above'][format(t, 'g')]:>10.2e}" for t in ts)
         lines.append(f"{r['block']:>5} {fr} {r['max_abs']:>9.3f} {r['mean_abs']:>9.3f}")
     e = result["uncapped_feature_error"]
-    lines.append(f"cap removed at inference: relative feature error {e['total']:.3e} (worst image {e['max_image']:.3e})")
+    if result["softcap"]:
+        lines.append(f"cap removed at inference: relative feature error {e['total']:.3e} (worst image {e['max_image']:.3e})")
     if "probe" in result:
         pr = result["probe"]
         lines.append(f"local probe macro recall: {100 * pr['macro_recall']['capped']:.2f} with the cap, "
@@ -303,6 +318,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         model = load_aligned(ckpt, attn_impl="math")
         images, source = load_images(model.encoder, args.images, args.num_images, args.seed)
         result = {"checkpoint": str(ckpt), "image_set": source, **inspect_encoder(model.encoder, images, args.batch_size)}
+        if args.probe and result["softcap"] == 0:
+            raise ValueError(f"--probe compares the features with and without the cap; {ckpt} was trained without one")
         if args.probe:
             with tempfile.TemporaryDirectory(prefix="locality-inspect-") as work:
                 result["probe"] = probe_change(model.encoder, Path(work), args.probe_train, args.probe_val,

@@ -63,6 +63,28 @@ def test_a_huge_cap_costs_nothing_to_remove(tmp_path):
     assert r["uncapped_feature_error"]["max_image"] < 1e-6
 
 
+def test_an_encoder_trained_without_a_cap_reports_its_logits(tmp_path):
+    """`--encoder.softcap 0`: plain timm attention; the logits are still measured (same as a capped
+    copy of the same weights) and there is no cap to remove (error 0); the encoder is left unchanged."""
+    ckpt = aligned(tmp_path, softcap=0.0, qk_gain=3.0)
+    enc = C.load_aligned(ckpt).encoder
+    assert not any(isinstance(b.attn, V.SoftCapAttention) for b in enc.blocks)
+    x = torch.randn(3, 3, 32, 32)
+    before = aligned_features(enc, x)
+    r = I.inspect_encoder(enc, x)
+    capped = copy.deepcopy(enc)
+    V.apply_softcap(capped, 1e9, "math")
+    ref = I.inspect_encoder(capped, x)
+    assert r["softcap"] == 0.0
+    for a, b in zip(r["blocks"], ref["blocks"]):
+        assert a["max_abs"] == pytest.approx(b["max_abs"], rel=1e-6)
+        assert a["frac_above"] == pytest.approx(b["frac_above"], abs=1e-9)
+    assert r["uncapped_feature_error"] == {"total": 0.0, "max_image": 0.0}
+    assert not any(isinstance(b.attn, V.SoftCapAttention) for b in enc.blocks)
+    assert torch.equal(aligned_features(enc, x), before)
+    assert "no cap" in I.table(r)
+
+
 def test_removing_the_cap_is_plain_attention(tmp_path):
     """cap 0 = softmax(q k^T * scale) v: the same as timm's own attention on the same weights."""
     enc = C.load_aligned(aligned(tmp_path, qk_gain=5.0)).encoder
