@@ -19,6 +19,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--softcap", type=float, default=30.0,
                    help="MaskEmbed encoder's attention soft-cap (default 30, the paper's; 0 = none, plain attention)")
+    p.add_argument("--vlm", action="store_true",
+                   help="then the VLM miniature: 3 backbone+adapter configurations on templated questions (+<= 10 min)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="MaskEmbed and probe heads; auto = bf16 on a CPU with hardware bf16, else fp32")
     return p
