@@ -45,9 +45,10 @@ class VLMSizes:
     llm_width: int = 64
     llm_depth: int = 2
     llm_heads: int = 4
+    llm_mlp_ratio: int = 4          # the MLP's hidden width / llm_width
     steps: int = 1000
     batch: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0      # Prismatic's
@@ -85,7 +86,7 @@ def build_llm(sizes: VLMSizes):
     """A tiny LlamaForCausalLM over the question vocabulary, randomly initialised (nothing downloaded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=len(Q.VOCAB), hidden_size=sizes.llm_width, intermediate_size=4 * sizes.llm_width,
+    cfg = LlamaConfig(vocab_size=len(Q.VOCAB), hidden_size=sizes.llm_width, intermediate_size=sizes.llm_mlp_ratio * sizes.llm_width,
                       num_hidden_layers=sizes.llm_depth, num_attention_heads=sizes.llm_heads,
                       num_key_value_heads=sizes.llm_heads, max_position_embeddings=128,
                       pad_token_id=Q.PAD, bos_token_id=Q.BOS, eos_token_id=Q.EOS, tie_word_embeddings=False)
