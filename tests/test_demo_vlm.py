@@ -239,3 +239,18 @@ def test_demo_vlm_on_a_directory_that_is_not_a_demo_is_one_line(tmp_path, capsys
     (tmp_path / "results.json").write_text("{not json")
     assert vlm_args.main(["--demo-dir", str(tmp_path)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_without_transformers_the_vlm_stage_fails_at_once_in_one_line(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from prismatic_locality.demo import run as D
+    from prismatic_locality.demo import vlm_args
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    assert D.main(["--quick", "--vlm", "--out", str(tmp_path / "demo")]) == 2
+    assert not (tmp_path / "demo" / "scenes").exists()   # before any stage ran
+    assert vlm_args.main(["--demo-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("pip install 'prismatic-locality[vlm]'" in line for line in err)

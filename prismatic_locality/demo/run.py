@@ -245,6 +245,10 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     sizes = QUICK if args.quick else FULL
+    if args.vlm:
+        from .vlm import require_transformers
+
+        require_transformers()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timing: dict = {}
@@ -340,6 +344,9 @@ def run_vlm_on_dir(args) -> dict:
     (other keys unchanged) and the VLM section to its report.md."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .vlm import require_transformers
+
+    require_transformers()
     out = Path(args.demo_dir)
     results = _read_json(out / "results.json", "results.json")
     manifest = _read_json(out / "scenes" / S.MANIFEST, "scene manifest")

@@ -82,6 +82,14 @@ class GeluMLPProjector(nn.Sequential):
         super().__init__(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
 
 
+def require_transformers() -> None:
+    """One line up front (not after the probing demo's 10 minutes) when the `vlm` extra is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise ValueError("the VLM miniature needs transformers: pip install 'prismatic-locality[vlm]'")
+
+
 def build_llm(sizes: VLMSizes):
     """A tiny LlamaForCausalLM over the question vocabulary, randomly initialised (nothing downloaded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
