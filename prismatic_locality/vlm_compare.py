@@ -285,13 +285,15 @@ def grouped_bar_chart(path: Path, series: dict[str, list[float]], groups: list[s
     width = 0.8 / len(series)
     for j, ((model, vals), colour) in enumerate(zip(series.items(), colours)):
         bars = ax.bar(x + (j - (len(series) - 1) / 2) * width, vals, width, label=model, color=colour)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7 if len(series) < 3 else 5.5)
     if reference is not None:
         ax.hlines(reference, x - 0.45, x + 0.45, colors="black", linestyles="dashed", lw=1, label=reference_label)
     ax.set_xticks(x, groups)
     ax.set_ylabel(ylabel)
     ax.set_ylim(*ylim)
-    ax.legend(loc="upper left", fontsize=7)
+    # below the axes: over the bars it would hide the tallest ones
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(series) + (reference is not None),
+              fontsize=7, frameon=False)
     ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
 
