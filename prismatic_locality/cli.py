@@ -18,6 +18,7 @@ COMMANDS = {
     "probe-compare": ("prismatic_locality.probe.compare", "put several probe results.json side by side"),
     # the demo's arguments are parsed before torch is imported, so a usage error is instant
     "demo": ("prismatic_locality.demo.args", "the paper in miniature on a laptop CPU, end to end"),
+    "demo-vlm": ("prismatic_locality.demo.vlm_args", "the demo's VLM miniature on a finished `locality demo` directory"),
     "convert": ("prismatic_locality.convert", "convert the paper's released .pth.tar checkpoints"),
     "inspect": ("prismatic_locality.inspect", "attention logits per block, and the feature error with the soft-cap removed"),
     "export": ("prismatic_locality.export", "hub-ready timm / transformers directory of an aligned backbone"),

@@ -268,6 +268,36 @@ def radar_chart(path: Path, models: list[str], benchmarks, z: np.ndarray, title:
     save_figure(fig, path, dpi=150, tight=False)
 
 
+def grouped_bar_chart(path: Path, series: dict[str, list[float]], groups: list[str], ylabel: str, title: str,
+                      reference: list[float] | None = None, reference_label: str = "",
+                      colours: tuple[str, ...] = ("#9aa5b1", "#2b7bb9", "#e07b39", "#59a14f"), ylim: tuple = (0, 100),
+                      size: tuple = (5, 3.4)) -> Path:
+    """Scores side by side: one group of bars per benchmark (or task), one bar per model, values on
+    the bars; `reference` (e.g. a chance or majority baseline) is a dashed tick over each group."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prismatic_locality.probe.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=size)
+    x = np.arange(len(groups))
+    width = 0.8 / len(series)
+    for j, ((model, vals), colour) in enumerate(zip(series.items(), colours)):
+        bars = ax.bar(x + (j - (len(series) - 1) / 2) * width, vals, width, label=model, color=colour)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7 if len(series) < 3 else 5.5)
+    if reference is not None:
+        ax.hlines(reference, x - 0.45, x + 0.45, colors="black", linestyles="dashed", lw=1, label=reference_label)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(*ylim)
+    # below the axes: over the bars it would hide the tallest ones
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(series) + (reference is not None),
+              fontsize=7, frameon=False)
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
+
+
 def _as_json(models: list[str], benchmarks, values: np.ndarray) -> dict:
     return {m: {b.name: (None if np.isnan(v) else float(v)) for b, v in zip(benchmarks, row)}
             for m, row in zip(models, values)}

@@ -146,6 +146,9 @@ def test_demo_objective_and_mim_flags_reach_the_trainer(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit) as e:
         cli(["--mim-steps", "2", "--objective", "clipself"])
     assert e.value.code == 2 and "--mim-steps needs --objective maskembed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the decoder adapter is MaskEmbed's decoder; clipself trains none
+        cli(["--vlm", "--objective", "clipself"])
+    assert e.value.code == 2 and "--vlm needs --objective maskembed" in capsys.readouterr().err
 
 
 @pytest.mark.slow

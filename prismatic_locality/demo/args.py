@@ -20,6 +20,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--softcap", type=float, default=30.0,
                    help="MaskEmbed encoder's attention soft-cap (default 30, the paper's; 0 = none, plain attention)")
+    p.add_argument("--vlm", action="store_true",
+                   help="then the VLM miniature: 3 backbone+adapter configurations on templated questions (+<= 10 min)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="MaskEmbed and probe heads; auto = bf16 on a CPU with hardware bf16, else fp32")
     p.add_argument("--objective", choices=("maskembed", "clipself"), default="maskembed",
@@ -45,6 +47,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.mim_steps and args.objective != "maskembed":  # a clipself teacher must have a pooled output
         p.error("--mim-steps needs --objective maskembed (the MIM-tuned model is MaskEmbed's teacher)")
+    if args.vlm and args.objective != "maskembed":
+        p.error("--vlm needs --objective maskembed (its decoder adapter is the MaskEmbed decoder; clipself trains none)")
     return args
 
 

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 
 from ..fileio import write_json, write_text  # noqa: E402
 from ..probe.plots import save_figure  # noqa: E402
+from ..vlm_compare import grouped_bar_chart  # noqa: E402
 
 MODELS = ("teacher", "aligned")
 TASKS = ("local", "global")
@@ -19,18 +20,8 @@ TASKS = ("local", "global")
 
 def bar_chart(path: Path, recall: dict, title: str) -> Path:
     """Teacher vs aligned macro recall, local and global (the paper's Table 5 in two bars each)."""
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    x = np.arange(len(TASKS))
-    for j, (model, colour) in enumerate(zip(MODELS, ("#9aa5b1", "#2b7bb9"))):
-        vals = [100 * recall[model][t] for t in TASKS]
-        bars = ax.bar(x + (j - 0.5) * 0.38, vals, 0.38, label=model, color=colour)
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_xticks(x, [f"{t} probing" for t in TASKS])
-    ax.set_ylabel("macro recall (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    return save_figure(fig, path)
+    return grouped_bar_chart(path, {m: [100 * recall[m][t] for t in TASKS] for m in MODELS},
+                             [f"{t} probing" for t in TASKS], "macro recall (%)", title)
 
 
 def _patch_text(labels: np.ndarray) -> str:
@@ -175,7 +166,68 @@ def write_report(out: Path, results: dict) -> Path:
         "steps on a 0.8M-parameter model, so expect the effect's size, not its exact value, to carry over.",
         "",
     ]
+    if "vlm" in results:
+        at = lines.index("## The same pipeline on real backbones and data")
+        lines[at:at] = vlm_section(results["vlm"])
     return write_text(out / "report.md", "\n".join(lines))
+
+
+VLM_COLUMNS = ("count", "presence", "position", "relation", "spatial", "overall")
+
+
+def vlm_chart(path: Path, vlm: dict, title: str) -> Path:
+    """Accuracy per question family for each VLM configuration, majority baseline dashed (cf. the paper's Fig. 5)."""
+    acc, base = vlm["accuracy"], vlm["majority_baseline"]
+    return grouped_bar_chart(path, {name: [100 * a[c] for c in VLM_COLUMNS] for name, a in acc.items()},
+                             list(VLM_COLUMNS), "val accuracy (%)", title,
+                             reference=[100 * base[c] for c in VLM_COLUMNS], reference_label="majority answer",
+                             size=(7.5, 3.6))
+
+
+def vlm_section(vlm: dict) -> list[str]:
+    """report.md's "VLM miniature" section."""
+    s, acc, base = vlm["settings"], vlm["accuracy"], vlm["majority_baseline"]
+    head = "| VLM (backbone + adapter) | " + " | ".join(VLM_COLUMNS) + " |"
+    rows = [head, "|---|" + "---:|" * len(VLM_COLUMNS),
+            "| majority answer | " + " | ".join(_pct(base[c]) for c in VLM_COLUMNS) + " |"]
+    rows += [f"| {name} | " + " | ".join(_pct(a[c]) for c in VLM_COLUMNS) + " |" for name, a in acc.items()]
+    per_seed = [f"- {name}: " + "; ".join(f"{c} " + ", ".join(_pct(v) for v in vlm["accuracy_per_seed"][name][c])
+                                          for c in ("spatial", "overall"))
+                for name in acc]
+    q = vlm["questions"]
+    examples = "; ".join(f"*{e['question']}* → `{e['answer']}`" for e in vlm["examples"])
+    ref = "teacher + MLP"
+    gain = {c: 100 * (acc["aligned + decoder"][c] - acc[ref][c]) for c in ("spatial", "overall")} if ref in acc else None
+    return [
+        "## VLM miniature",
+        "",
+        "Prismatic's single-stage recipe in miniature: frozen features of each backbone (last block, final norm,",
+        "all tokens) → an adapter → a tiny Llama trained from scratch on templated questions about the scenes,",
+        "loss on the one-word answer only. *teacher + MLP* and *aligned + MLP* use Prismatic's `gelu-mlp`",
+        "adapter; *aligned + decoder* reuses the MaskEmbed decoder as the adapter (the plugin's `DecoderProjector`).",
+        "Same questions, batch order, LM initialisation and settings for all three.",
+        "",
+        f"Val accuracy (%), mean over training seeds {s['seeds']}; *spatial* = mean of count, position, relation;",
+        "*overall* = mean of the four families. Answers are balanced per family, so the majority answer",
+        "scores 1 / (number of answers):",
+        "",
+        *rows,
+        "",
+        "Per seed:",
+        "",
+        *per_seed,
+        "",
+        *([f"aligned + decoder vs teacher + MLP: {gain['spatial']:+.1f} points spatial, {gain['overall']:+.1f} overall.", ""]
+          if gain else []),
+        "![VLM accuracy](vlm.png)",
+        "",
+        f"Questions (train / val per family): " + ", ".join(f"{f} {q['train'][f]} / {q['val'][f]}" for f in q["train"])
+        + f". Examples: {examples}.",
+        f"LM: Llama, width {s['llm_width']}, {s['llm_depth']} layers, {s['llm_heads']} heads, trained from scratch; "
+        f"{s['steps']} steps × batch {s['batch']}, AdamW lr {s['lr']:g} (warmup {s['warmup']}, cosine), "
+        f"{vlm['seconds']:.0f} s for all runs (load average {vlm['load_average'][0]:.1f} → {vlm['load_average'][1]:.1f}).",
+        "",
+    ]
 
 
 def write_all(out: Path, results: dict, images, truth, preds, grid: int) -> dict[str, Path]:
@@ -189,5 +241,7 @@ def write_all(out: Path, results: dict, images, truth, preds, grid: int) -> dict
         "qualitative": qualitative_figure(out / "qualitative.png", images, truth, preds, grid,
                                           "local probe predictions on val scenes"),
     }
+    if "vlm" in results:
+        files["vlm"] = vlm_chart(out / "vlm.png", results["vlm"], f"seed {results['config']['seed']}: VLM miniature")
     files["report"] = write_report(out, results)
     return files

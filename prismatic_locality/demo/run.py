@@ -22,7 +22,9 @@ The wall time is about the same either way. `--precision fp32|bf16` overrides th
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -193,6 +195,43 @@ def probe_both(args, sizes: Sizes, scenes_root: Path, backbones: dict, out: Path
     return per_head, curves, preds
 
 
+def vlm_stage(out: Path, scenes: dict, backbones: dict, checkpoint: Path, probe_train: int, seed: int,
+              quick: bool, n_seeds: int = 2) -> dict:
+    """The VLM miniature (`demo/vlm.py`) on this run's scenes, teacher, aligned checkpoint and feature cache.
+
+    Train questions are about the scenes whose features the probe cached (the first `probe_train`),
+    val questions about the val scenes (unseen digit instances)."""
+    from dataclasses import replace
+
+    from ..probe.datasets import ProbeDataset
+    from ..probe.features import build_split
+    from . import questions as Q
+    from . import vlm as M
+
+    load0 = os.getloadavg()[0]
+    sizes = replace(M.QUICK if quick else M.FULL, seeds=tuple(probe_seeds(seed, n_seeds)))
+    features = {}
+    for name, backbone in backbones.items():
+        spec = backbone.spec
+        limits = {"train": probe_train, "val": None}
+        features[name] = {
+            split: torch.from_numpy(np.asarray(build_split(
+                ProbeDataset("demo", out / "scenes", split, spec.img_size, spec.patch_size, limit=limits[split]),
+                backbone, out / "cache", batch_size=256, num_workers=0, device=torch.device("cpu"),
+                precision="fp32", desc=f"{name} {split}").features, dtype=np.float32))
+            for split in S.SPLITS}
+    questions = {}
+    for k, split in enumerate(S.SPLITS):
+        n = len(features["teacher"][split])
+        sc = scenes[split]
+        questions[split] = Q.make_questions(sc.labels[:n], Q.placed_digits(sc.digits[:n]), seed=(seed, k),
+                                            per_answer=getattr(sizes, f"{split}_per_answer"))
+    vlm = M.run_stage(features, questions, sizes, checkpoint)
+    vlm["load_average"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+    vlm["cpu_count"] = os.cpu_count()
+    return vlm
+
+
 # --------------------------------------------------------------------------------------------
 # Orchestration
 # --------------------------------------------------------------------------------------------
@@ -217,12 +256,17 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     sizes = QUICK if args.quick else FULL
+    if args.vlm:
+        from .vlm import require_transformers
+
+        require_transformers()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timing: dict = {}
-    n = 6 if args.mim_steps else 5
+    n = 5 + bool(args.mim_steps) + bool(args.vlm)
     cmd = "locality demo" + (f" --seed {args.seed}" if args.seed else "") + (" --quick" if args.quick else "") \
-        + f" --precision {args.precision}" + (f" --softcap {args.softcap:g}" if args.softcap != 30.0 else "") \
+        + (" --vlm" if args.vlm else "") + f" --precision {args.precision}" \
+        + (f" --softcap {args.softcap:g}" if args.softcap != 30.0 else "") \
         + (f" --objective {args.objective}" if args.objective != "maskembed" else "") \
         + (f" --mim-steps {args.mim_steps}" if args.mim_steps else "")
 
@@ -253,6 +297,10 @@ def run(args) -> dict:
                      "aligned": load_backbone(BackboneConfig(name=str(ckpt)), "cpu")}
         per_head, curves, preds = probe_both(args, sizes, scenes_root, backbones, out)
 
+    if args.vlm:
+        with Stage(timing, "vlm", k + 2, n, "VLM miniature: 3 configurations x 2 training seeds"):
+            vlm = vlm_stage(out, scenes, backbones, ckpt, sizes.probe_train, args.seed, args.quick)
+
     recall = {m: {t: float(np.mean(heads)) for t, heads in tasks.items()} for m, tasks in per_head.items()}
     delta = {t: round(100 * (recall["aligned"][t] - recall["teacher"][t]), 2) for t in R.TASKS}
     spec = V.vit_spec(teacher_vit)
@@ -281,6 +329,8 @@ def run(args) -> dict:
         "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
                     "platform": platform.platform(), "python": platform.python_version()},
     }
+    if args.vlm:
+        results["vlm"] = vlm
     with Stage(timing, "report", n, n, f"report in {out}"):
         rows = sizes.figure_rows
         truth = S.patch_labels(scenes["val"].labels[:rows], spec.patch_size).numpy()
@@ -290,6 +340,99 @@ def run(args) -> dict:
     timing["total"] = round(time.perf_counter() - t_start, 1)
     R.write_json(out / "results.json", results)  # final timing, report stage included
     return results
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a finished `locality demo` directory ({what})")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object ({what})")
+    return obj
+
+
+def _check_labels(root: Path, split: str, labels: np.ndarray) -> None:
+    """The regenerated scenes must be the ones on disk: compare their label maps with the PNGs."""
+    from PIL import Image
+
+    for i in range(len(labels)):
+        path = root / split / "labels" / f"{i:06d}.png"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the demo's scenes are incomplete")
+        if not np.array_equal(np.asarray(Image.open(path)), labels[i]):
+            raise ValueError(f"{path}: differs from the scene its manifest {root / S.MANIFEST} regenerates "
+                             "(scenes edited, or made by another version of the demo)")
+
+
+def run_vlm_on_dir(args) -> dict:
+    """`locality demo-vlm`: the VLM stage on a finished demo directory; adds `vlm` to its results.json
+    (other keys unchanged) and the VLM section to its report.md."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .vlm import require_transformers
+
+    require_transformers()
+    out = Path(args.demo_dir)
+    results = _read_json(out / "results.json", "results.json")
+    manifest = _read_json(out / "scenes" / S.MANIFEST, "scene manifest")
+    try:
+        cfg = results["config"]
+        probe_train, seed, quick = int(cfg["probe"]["train_scenes"]), int(cfg["seed"]), bool(cfg["quick"])
+        teacher_path = Path(results["teacher"]["path"])
+        scene_cfg = S.SceneConfig(**manifest["config"])
+        n_scenes = {"train": int(manifest["n_train"]), "val": int(manifest["n_val"])}
+        scene_seed = int(manifest["seed"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{out / 'results.json'} or {out / 'scenes' / S.MANIFEST}: missing field {e}") from None
+    ckpt = out / "align" / "aligned"
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt}/config.json not found: the demo's aligned checkpoint is missing")
+    t0 = time.perf_counter()
+    print(f"[1/3] scenes and backbones of {out} (seed {seed})", flush=True)
+    scenes = {split: S.make_scenes(n, split, scene_seed, scene_cfg) for split, n in n_scenes.items()}
+    _check_labels(out / "scenes", "train", scenes["train"].labels[:probe_train])
+    _check_labels(out / "scenes", "val", scenes["val"].labels)
+    from ..probe.backbone import Backbone, BackboneConfig, load_backbone
+
+    teacher_vit, _ = T.load_teacher(teacher_path)
+    backbones = {"teacher": Backbone(teacher_vit, "timm", "teacher"),
+                 "aligned": load_backbone(BackboneConfig(name=str(ckpt)), "cpu")}
+    print("[2/3] VLM miniature: 3 configurations x 2 training seeds", flush=True)
+    results["vlm"] = vlm_stage(out, scenes, backbones, ckpt, probe_train, seed, quick or args.quick)
+    results.setdefault("timing_s", {})["vlm"] = round(time.perf_counter() - t0, 1)
+    print(f"[3/3] report in {out}", flush=True)
+    from .report import vlm_chart
+
+    vlm_chart(out / "vlm.png", results["vlm"], f"seed {seed}: VLM miniature")
+    R.write_json(out / "results.json", results)
+    R.write_report(out, results)
+    return results
+
+
+def print_vlm(vlm: dict) -> None:
+    from .report import VLM_COLUMNS
+
+    print(f"{'val accuracy (%)':<20}" + "".join(f"{c:>10}" for c in VLM_COLUMNS))
+    for name, acc in [("majority answer", vlm["majority_baseline"]), *vlm["accuracy"].items()]:
+        print(f"{name:<20}" + "".join(f"{100 * acc[c]:>10.1f}" for c in VLM_COLUMNS))
+
+
+def main_vlm(argv: Optional[list[str]] = None) -> int:
+    from .vlm_args import build_parser as vlm_parser
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = vlm_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        res = run_vlm_on_dir(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"locality demo-vlm: error: {e}", file=sys.stderr)
+        return 2
+    print_vlm(res["vlm"])
+    print(f"{res['timing_s']['vlm']:.0f} s; report: {Path(args.demo_dir) / 'report.md'}")
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -306,6 +449,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"change   local {d['local']:+.2f} pts  global {d['global']:+.2f} pts  "
           f"(target {'not evaluated: quick mode, smoke-test sizes' if args.quick else 'met' if res['target_met'] else 'not met'}); "
           f"{res['timing_s']['total']:.0f} s")
+    if "vlm" in res:
+        print_vlm(res["vlm"])
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
