@@ -72,16 +72,22 @@ class MIMTeacher(Teacher):
         return (t * self.scale).repeat_interleave(masks.shape[1], dim=0)
 
 
-class MIMStudent(nn.Module):
-    """W f_θ(x ⊙ m) against the target; `state_dict()` holds ``encoder.*`` only (no decoder)."""
+class EncoderStudent(nn.Module):
+    """A student that trains the encoder alone: `state_dict()` holds ``encoder.*`` only (no decoder)."""
 
     decoder = None
+    default_loss = "mse"
 
-    def __init__(self, encoder: nn.Module, loss: str = "mse"):
+    def __init__(self, encoder: nn.Module, loss: Optional[str] = None):
         super().__init__()
+        loss = loss or self.default_loss
         if loss not in LOSSES:
             raise ValueError(f"unknown loss '{loss}' ({' | '.join(LOSSES)})")
         self.encoder, self.loss = encoder, loss
+
+
+class MIMStudent(EncoderStudent):
+    """W f_θ(x ⊙ m) against the target."""
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         B, K, N = masks.shape
@@ -196,16 +202,10 @@ def window_pool(encoder: nn.Module, images: torch.Tensor, window: torch.Tensor) 
     return encoder.fc_norm(pooled).unsqueeze(1)
 
 
-class CropStudent(nn.Module):
-    """Window-pooled f_θ(x) against the crop target; `state_dict()` holds ``encoder.*`` only."""
+class CropStudent(EncoderStudent):
+    """Window-pooled f_θ(x) against the crop target."""
 
-    decoder = None
-
-    def __init__(self, encoder: nn.Module, loss: str = "cosine"):
-        super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss '{loss}' ({' | '.join(LOSSES)})")
-        self.encoder, self.loss = encoder, loss
+    default_loss = "cosine"
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         pred = window_pool(self.encoder, images, masks)

@@ -297,6 +297,16 @@ def check_range(name: str, value: Any, lo: float, hi: float = math.inf, lo_open:
     raise ValueError(f"config field '{name}' must be {want}, got {value}{hint}")
 
 
+def check_crop(scale, ratio) -> None:
+    """RandomResizedCrop's area `scale` and aspect `ratio` ranges (data.scale, data.ratio)."""
+    lo, hi = scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"config field 'data.scale' must satisfy 0 < lo <= hi <= 1, got {scale}")
+    lo, hi = ratio
+    if not 0 < lo <= hi:
+        raise ValueError(f"config field 'data.ratio' must satisfy 0 < lo <= hi, got {ratio}")
+
+
 def validate(cfg: AlignConfig) -> AlignConfig:
     """Fail fast, one line naming the field."""
     _choice(cfg.objective, OBJECTIVES, "objective")
@@ -334,12 +344,7 @@ def validate(cfg: AlignConfig) -> AlignConfig:
         raise ValueError(f"config field 'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}")
     if cfg.max_steps is None and not cfg.epochs > 0:
         raise ValueError(f"config field 'epochs' must be > 0, got {cfg.epochs}")
-    lo, hi = cfg.data.scale
-    if not 0 < lo <= hi <= 1:
-        raise ValueError(f"config field 'data.scale' must satisfy 0 < lo <= hi <= 1, got {cfg.data.scale}")
-    lo, hi = cfg.data.ratio
-    if not 0 < lo <= hi:
-        raise ValueError(f"config field 'data.ratio' must satisfy 0 < lo <= hi, got {cfg.data.ratio}")
+    check_crop(cfg.data.scale, cfg.data.ratio)
     if cfg.teacher.aligned is not None:
         if cfg.objective == "clipself" or (cfg.objective == "maskembed" and cfg.teacher.target == "cls"):
             raise ValueError(f"config field 'teacher.aligned': an aligned encoder has no pooled output, so it cannot "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..align.config import AUGMENTS, INTERPOLATIONS, _choice, check_finite, check_range
+from ..align.config import AUGMENTS, INTERPOLATIONS, _choice, check_crop, check_finite, check_range
 from ..align.config import describe_recipe as _describe
 from ..align.config import get_recipe as _get
 from ..align.config import parse_config as _parse
@@ -210,12 +210,7 @@ def validate(cfg: FinetuneConfig) -> FinetuneConfig:
     if mixing(cfg) and cfg.micro_batch % 2:
         raise ValueError(f"config field 'micro_batch': Mixup/CutMix pair images within a micro-batch, so it must be "
                          f"even, got {cfg.micro_batch} (or set mix.mixup and mix.cutmix to 0)")
-    lo, hi = cfg.data.scale
-    if not 0 < lo <= hi <= 1:
-        raise ValueError(f"config field 'data.scale' must satisfy 0 < lo <= hi <= 1, got {cfg.data.scale}")
-    lo, hi = cfg.data.ratio
-    if not 0 < lo <= hi:
-        raise ValueError(f"config field 'data.ratio' must satisfy 0 < lo <= hi, got {cfg.data.ratio}")
+    check_crop(cfg.data.scale, cfg.data.ratio)
     if cfg.data.randaugment and not cfg.data.randaugment.startswith("rand"):
         raise ValueError(f"config field 'data.randaugment': '{cfg.data.randaugment}' is not a timm RandAugment "
                          f"policy (rand-m9-mstd0.5-inc1 style), or \"\" for none")
