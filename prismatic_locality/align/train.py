@@ -472,7 +472,9 @@ def _loop(cfg: AlignConfig, info: D.DistInfo, model: nn.Module, student: MaskEmb
                                          autocast, info)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 bar.close()
-                raise _non_finite(run.step + 1, loss, grad_norm, ckpt, metrics)
+                last_good = (f"{ckpt.state_dir} (step {ckpt.last_saved_step})"
+                             if ckpt.last_saved_step is not None else None)
+                raise non_finite(run.step + 1, loss, grad_norm, last_good, metrics)
             run.step, run.last_loss = run.step + 1, loss
             metrics.add_step(loss)
             bar.update(1)
@@ -499,7 +501,7 @@ def _loop(cfg: AlignConfig, info: D.DistInfo, model: nn.Module, student: MaskEmb
                     ckpt.save(run, metrics)
             if stopping:
                 bar.close()
-                raise _stopped(stop, run.step, total, ckpt)
+                raise stopped(stop, run.step, total, ckpt.state_dir)
     bar.close()
 
 
@@ -513,18 +515,19 @@ def _agree_on_files_and_stop(notes: list, seen: dict, stop: StopSignals, info: D
     return any_stop > 0
 
 
-def _stopped(stop: StopSignals, step: int, total: int, ckpt: Checkpointer) -> Stopped:
+def stopped(stop: StopSignals, step: int, total: int, state_dir: Path) -> Stopped:
+    """The exception that ends a run stopped by a signal after saving `state_dir` (also `locality finetune`'s)."""
     signum = stop.signum or signal.SIGTERM  # another rank was signalled
     name = signal.Signals(signum).name if stop.signum else "a signal to another process"
     return Stopped(f"stopped by {name} after step {step} of {total}; the training state is saved "
-                   f"in {ckpt.state_dir}; rerun the same command to resume", signum)
+                   f"in {state_dir}; rerun the same command to resume", signum)
 
 
-def _non_finite(step: int, loss: float, grad_norm: float, ckpt: Checkpointer, metrics: Metrics) -> NonFiniteLoss:
-    """Log the failed step (numbered as in metrics.jsonl: step k = the k-th update) and name the last good state."""
+def non_finite(step: int, loss: float, grad_norm: float, last_good: Optional[str], metrics: Metrics) -> NonFiniteLoss:
+    """Log the failed step (numbered as in metrics.jsonl: step k = the k-th update) and name the last good
+    state (`last_good`, None when nothing was saved yet); also `locality finetune`'s."""
     metrics.write({"step": step, "event": "non_finite", "loss": loss, "grad_norm": grad_norm})
-    where = (f"the last good training state is {ckpt.state_dir} (step {ckpt.last_saved_step})"
-             if ckpt.last_saved_step is not None else "no training state had been saved yet")
+    where = f"the last good training state is {last_good}" if last_good else "no training state had been saved yet"
     return NonFiniteLoss(f"non-finite loss/gradient at step {step} (loss {loss}, grad norm {grad_norm}); "
                          f"stopped before that update; {where}")
 

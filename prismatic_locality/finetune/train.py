@@ -43,7 +43,8 @@ from ..align.checkpointer import resume_source
 from ..align.metrics import Metrics
 from ..align.optim import lr_at
 from ..align.state import config_mismatch, has_state, load_training_state, read_state_info, save_training_state
-from ..align.train import NonFiniteLoss, Stopped, StopSignals, _ignore_stop_signals, clip_grad_norm, record_new_files, write_config
+from ..align.train import (NonFiniteLoss, Stopped, StopSignals, _ignore_stop_signals, clip_grad_norm, non_finite,
+                           record_new_files, stopped, write_config)
 from ..checkpoint import CheckpointError
 from ..data import EvalTransform, GlobalBatchOrder, surface_worker_errors
 from ..data.dataset import CROPPED, UNREADABLE
@@ -297,11 +298,8 @@ def _loop(cfg: FinetuneConfig, model: Classifier, optimizer, data: Data, run: Pr
                                              autocast, loss_fn)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 bar.close()
-                metrics.write({"step": run.step + 1, "event": "non_finite", "loss": loss, "grad_norm": grad_norm})
-                where = (f"the last good training state is in {run_dir / 'state'}" if has_state(run_dir / "state")
-                         else "no training state had been saved")
-                raise NonFiniteLoss(f"non-finite loss/gradient at step {run.step + 1} (loss {loss}, grad norm "
-                                    f"{grad_norm}); stopped before that update; {where}")
+                last_good = str(run_dir / "state") if has_state(run_dir / "state") else None
+                raise non_finite(run.step + 1, loss, grad_norm, last_good, metrics)
             run.step += 1
             metrics.add_step(loss)
             bar.update(1)
@@ -327,8 +325,7 @@ def _loop(cfg: FinetuneConfig, model: Classifier, optimizer, data: Data, run: Pr
                     _save(cfg, run_dir, model, optimizer, run, data, metrics, t_start)
             if stopping:
                 bar.close()
-                raise Stopped(f"stopped by a signal after step {run.step} of {total}; the training state is saved "
-                              f"in {run_dir / 'state'}; rerun the same command to resume", stop.signum)
+                raise stopped(stop, run.step, total, run_dir / "state")
     bar.close()
 
 
