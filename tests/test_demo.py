@@ -170,3 +170,40 @@ def test_quick_demo_with_another_objective_or_mim_first(tmp_path, flags, objecti
         assert res["mim"]["recipe"] == "demo-mim" and res["mim"]["steps"] == 2 and "MIM first" in md
         assert res["align"]["teacher_aligned"] == str(out / "mim" / "aligned") and "mim" in res["timing_s"]
         assert load_aligned(out / "mim" / "aligned").config["objective"] == "mim"
+
+
+def test_demo_align_steps_and_probe_heads_override_the_recipe(tmp_path, monkeypatch, capsys):
+    """--align-steps N runs MaskEmbed for N steps instead of the recipe's; --probe-heads K trains K heads
+    per (model, task); both default to the recipe's / 2 and are recorded in the command line."""
+    import prismatic_locality.align.train as AT
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(cfg):
+        seen.append(cfg.max_steps)
+        raise Stop
+
+    monkeypatch.setattr(AT, "train", fake_train)
+    for argv, steps in (([], 600), (["--align-steps", "1200"], 1200)):
+        with pytest.raises(Stop):
+            D.main(["--precision", "fp32", "--out", str(tmp_path / "demo"), *argv])
+        assert seen[-1] == steps
+    with pytest.raises(Stop):  # --quick's own 3 steps unless asked otherwise
+        D.main(["--quick", "--out", str(tmp_path / "demo")])
+    assert seen[-1] == 3
+
+    assert D.sizes_for(D.parse_args([])).probe_heads == 2
+    args = D.parse_args(["--probe-heads", "4", "--align-steps", "900", "--precision", "fp32"])
+    sizes = D.sizes_for(args)
+    assert (sizes.probe_heads, sizes.align_steps) == (4, 900)
+    assert D.probe_seeds(5, sizes.probe_heads) == [5, 1005, 2005, 3005]
+    assert "--align-steps 900" in D.command_line(args) and "--probe-heads 4" in D.command_line(args)
+
+    from prismatic_locality.demo.args import main as cli
+    for flag in ("--align-steps", "--probe-heads"):
+        with pytest.raises(SystemExit) as e:
+            cli([flag, "0"])
+        assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err

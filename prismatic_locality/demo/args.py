@@ -29,7 +29,18 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--mim-steps", type=_non_negative, default=0, metavar="N",
                    help="first MIM-tune the teacher for N steps (recipe demo-mim), then align with that model as "
                         "MaskEmbed's teacher; the probe still compares the original teacher (default 0: no MIM)")
+    p.add_argument("--align-steps", type=_positive, default=None, metavar="N",
+                   help="MaskEmbed steps instead of the recipe's (600 fp32 / 1200 bf16): more than the 10-minute budget holds")
+    p.add_argument("--probe-heads", type=_positive, default=None, metavar="K",
+                   help="probe heads per (model, task), averaged (default 2); each adds ~25 s")
     return p
+
+
+def _positive(text: str) -> int:
+    n = _non_negative(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def _non_negative(text: str) -> int:

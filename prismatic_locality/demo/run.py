@@ -28,7 +28,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -201,8 +201,6 @@ def vlm_stage(out: Path, scenes: dict, backbones: dict, checkpoint: Path, probe_
 
     Train questions are about the scenes whose features the probe cached (the first `probe_train`),
     val questions about the val scenes (unseen digit instances)."""
-    from dataclasses import replace
-
     from ..probe.datasets import ProbeDataset
     from ..probe.features import build_split
     from . import questions as Q
@@ -250,12 +248,33 @@ def parse_args(argv):
     return args
 
 
+def sizes_for(args) -> Sizes:
+    """The run's sizes: `--quick` or the full demo, with `--align-steps` / `--probe-heads` applied."""
+    sizes = QUICK if args.quick else FULL
+    if args.align_steps:
+        sizes = replace(sizes, align_steps=args.align_steps)
+    if args.probe_heads:
+        sizes = replace(sizes, probe_heads=args.probe_heads)
+    return sizes
+
+
+def command_line(args) -> str:
+    """The `locality demo` command that reproduces this run (recorded in results.json)."""
+    return "locality demo" + (f" --seed {args.seed}" if args.seed else "") + (" --quick" if args.quick else "") \
+        + (" --vlm" if args.vlm else "") + f" --precision {args.precision}" \
+        + (f" --softcap {args.softcap:g}" if args.softcap != 30.0 else "") \
+        + (f" --objective {args.objective}" if args.objective != "maskembed" else "") \
+        + (f" --mim-steps {args.mim_steps}" if args.mim_steps else "") \
+        + (f" --align-steps {args.align_steps}" if args.align_steps else "") \
+        + (f" --probe-heads {args.probe_heads}" if args.probe_heads else "")
+
+
 def run(args) -> dict:
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    sizes = QUICK if args.quick else FULL
+    sizes = sizes_for(args)
     if args.vlm:
         from .vlm import require_transformers
 
@@ -264,11 +283,7 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timing: dict = {}
     n = 5 + bool(args.mim_steps) + bool(args.vlm)
-    cmd = "locality demo" + (f" --seed {args.seed}" if args.seed else "") + (" --quick" if args.quick else "") \
-        + (" --vlm" if args.vlm else "") + f" --precision {args.precision}" \
-        + (f" --softcap {args.softcap:g}" if args.softcap != 30.0 else "") \
-        + (f" --objective {args.objective}" if args.objective != "maskembed" else "") \
-        + (f" --mim-steps {args.mim_steps}" if args.mim_steps else "")
+    cmd = command_line(args)
 
     with Stage(timing, "scenes", 1, n, f"digit scenes: {sizes.n_train} train / {sizes.n_val} val"):
         scenes_root = out / "scenes"
