@@ -205,5 +205,5 @@ def test_demo_align_steps_and_probe_heads_override_the_recipe(tmp_path, monkeypa
     from prismatic_locality.demo.args import main as cli
     for flag in ("--align-steps", "--probe-heads"):
         with pytest.raises(SystemExit) as e:
-            cli([flag, "0"])
+            cli([flag, "-1" if flag == "--probe-heads" else "0"])
         assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
