@@ -81,6 +81,9 @@ def encoder_config(encoder: nn.Module, model_name: str, softcap: float, timm_kwa
     }
 
 
+OBJECTIVE_NAMES = {"maskembed": "MaskEmbed", "mim": "MIM", "clipself": "CLIPSelf"}  # as the paper writes them
+
+
 def objective_of(config: dict) -> str:
     """The objective an aligned checkpoint was trained with (config.json's ``objective``; absent = maskembed)."""
     return config.get("objective", "maskembed")
@@ -141,16 +144,23 @@ def model_card(config: dict) -> str:
              if isinstance(config.get("decoder"), dict) else "none")]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows if v is not None)
     front = "\n".join(meta)
+    objective = objective_of(config)
+    if objective == "maskembed":
+        about = f"""A vision transformer post-trained with MaskEmbed (*Locality Alignment Improves Vision-Language
+Models*, Covert et al., ICLR 2025) so that its patch tokens encode what is where. The encoder
+f_θ and the decoder g_ψ (reusable as a VLM adapter) are in `{WEIGHTS_NAME}`; `{CONFIG_NAME}`
+holds the architecture and how it was trained."""
+    else:  # mim / clipself: the paper's comparison objectives, no decoder
+        about = f"""A vision transformer post-trained with {OBJECTIVE_NAMES[objective]}, one of the objectives that *Locality
+Alignment Improves Vision-Language Models* (Covert et al., ICLR 2025) compares with MaskEmbed. It has no
+decoder: the encoder f_θ is in `{WEIGHTS_NAME}`; `{CONFIG_NAME}` holds the architecture and how it was trained."""
     return f"""---
 {front}
 ---
 
-# {tag}, post-trained with {dict(maskembed='MaskEmbed', mim='MIM', clipself='CLIPSelf')[objective_of(config)]}
+# {tag}, post-trained with {OBJECTIVE_NAMES[objective]}
 
-A vision transformer post-trained with MaskEmbed (*Locality Alignment Improves Vision-Language
-Models*, Covert et al., ICLR 2025) so that its patch tokens encode what is where. The encoder
-f_θ and the decoder g_ψ (reusable as a VLM adapter) are in `{WEIGHTS_NAME}`; `{CONFIG_NAME}`
-holds the architecture and how it was trained.
+{about}
 
 | | |
 |---|---|

@@ -173,3 +173,14 @@ def test_files_get_the_permissions_of_a_plain_open(tmp_path):
     name, kw = TINY["clip"]
     out = save_aligned(tmp_path / "real", enc, dec, model_name=name, softcap=30.0, timm_kwargs=kw)
     assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o666 & ~fileio._umask()}
+
+
+def test_model_card_of_a_checkpoint_without_decoder_names_its_objective(tmp_path):
+    """mim / clipself checkpoints: the card names the objective and does not promise a decoder."""
+    enc, _ = trained_pair()
+    name, kw = TINY["clip"]
+    out = save_aligned(tmp_path / "mim", enc, None, model_name=name, softcap=30.0, timm_kwargs=kw,
+                       extra={"objective": "mim", "target": "last"})
+    card = (out / "README.md").read_text()
+    assert "post-trained with MIM" in card and "| objective | `mim` |" in card and "| decoder | none |" in card
+    assert "decoder g_ψ" not in card and "post-trained with MaskEmbed" not in card

@@ -168,6 +168,9 @@ def test_three_steps_resume_bit_identically_and_record_the_objective(tmp_path, d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     cfg = read_config(out)
     assert cfg["objective"] == objective
+    # the recorded target is what the student was trained on: mim the last layer, clipself the pooled output
+    want = {"mim": "last", "clipself": "cls"}.get(objective, cfg["align_config"]["teacher"]["target"])
+    assert cfg["target"] == cfg["teacher"]["target"] == want
     model = load_aligned(out)
     has_decoder = objective == "maskembed"
     assert (model.decoder is not None) == has_decoder and any(k.startswith("decoder.") for k in a) == has_decoder

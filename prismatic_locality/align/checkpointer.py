@@ -38,8 +38,9 @@ class Checkpointer:
     """The run's training state in ``{run_dir}/state`` (`state.py`) and its aligned checkpoints."""
 
     def __init__(self, cfg: AlignConfig, info: D.DistInfo, student: MaskEmbed, optimizer: torch.optim.Optimizer,
-                 steps_per_epoch: int, total_steps: int):
+                 steps_per_epoch: int, total_steps: int, target: str):
         self.cfg, self.info, self.student, self.optimizer = cfg, info, student, optimizer
+        self.target = target  # the teacher output the student was trained on, recorded in config.json
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.run_dir = run_dir_of(cfg)
         self.state_dir = self.run_dir / "state"
@@ -111,8 +112,7 @@ class Checkpointer:
         """An aligned checkpoint (main process only): the encoder and decoder, and how they were trained."""
         t = self.cfg.teacher
         training = {k: v for k, v in summary.items() if k != "config"}
-        # the target actually trained on: mim regresses the final layer, clipself the pooled pre-logits
-        target = {"mim": "last", "clipself": "cls"}.get(self.cfg.objective, t.target)
+        target = self.target  # the objective's teacher decides it (mim: last, clipself: cls)
         teacher = {"model": t.model, "weights": t.weights, "target": target, "masking": t.masking,
                    **({"aligned": t.aligned} if t.aligned is not None else {})}
         save_aligned(out, self.student.encoder, self.student.decoder, model_name=t.model,

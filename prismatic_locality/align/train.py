@@ -400,7 +400,8 @@ def _train(cfg: AlignConfig, info: D.DistInfo, cleanup: contextlib.ExitStack) ->
     data = build_data(cfg, student, teacher, info)
     optimizer = build_optimizer(student.named_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas,
                                 cfg.optim.eps, cfg.optim.exclude_norm_bias_from_wd, fused=device.type == "cuda")
-    ckpt = Checkpointer(cfg, info, student, optimizer, data.order.steps_per_epoch, data.total_steps)
+    ckpt = Checkpointer(cfg, info, student, optimizer, data.order.steps_per_epoch, data.total_steps,
+                        teacher.target)
     run = restore_or_start(cfg, ckpt, teacher, data, autocast, info)
     if info.is_main:
         write_config(cfg, ckpt.run_dir)
